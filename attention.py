@@ -1,0 +1,321 @@
+"""
+Positional variants and the engines that run them.
+
+A positional variant is a score function with FlexAttention's score_mod signature,
+
+    score(s, b, h, q, kv, tables) -> s'        s = q.k / sqrt(d), q and kv absolute positions
+
+Learnable parameters never sit inside it: each variant first builds `tables` over the
+distance t = q - kv from its parameters (differentiable, so gradients reach them through the
+tables), and the score function only indexes those tables. The same function then runs in
+three engines:
+
+    sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
+             additive bias for additive variants, explicit logits for the others (scaleinv)
+    flex     FlexAttention with a causal (+ document) block mask; fused and compiled on CUDA
+    chunked  plain PyTorch online softmax over query x key tiles; any device, memory ~ tile size
+
+SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards.
+The formulas are those of ../shared/docs/papers.md (copied into the README).
+
+Adding a prior: write a module with `tables(n, device)` returning {"prior": H x n tensor of
+b_h(t)} and register it in VARIANTS; `prior_score` below does the rest.
+"""
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+
+def distance(q, kv):
+    # t = i - j, clamped at 0: score functions are also evaluated on masked (future) entries,
+    # and a negative table index there is an illegal memory access on CUDA (design.md)
+    return (q - kv).clamp(min=0)
+
+
+def prior_score(s, b, h, q, kv, tables):
+    """Additive positional log-prior: logit = S + b_h(t)."""
+    return s + tables["prior"][h, distance(q, kv)]
+
+
+def alibi_slopes(n_head):
+    """ALiBi slopes m_h = 2^(-8h/H); for H not a power of two, the ALiBi repo's rule."""
+    def powers(n):
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+    p = 2 ** math.floor(math.log2(n_head))
+    slopes = powers(p) + powers(2 * p)[0::2][: n_head - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class NoPE(nn.Module):
+    """No positional signal: the causal mask only."""
+    additive = True  # score(s) = s + f(h, t): the sdpa engine can pass f as a bias
+
+    def __init__(self, config):
+        super().__init__()
+
+    def tables(self, n, device):
+        return {}
+
+    @staticmethod
+    def score(s, b, h, q, kv, tables):
+        return s
+
+
+class ALiBi(nn.Module):
+    """Linear bias: logit = S - m_h * t, fixed slopes."""
+    additive = True
+    score = staticmethod(prior_score)
+
+    def __init__(self, config):
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
+
+    def tables(self, n, device):
+        t = torch.arange(n, device=device, dtype=torch.float32)
+        return {"prior": -self.slopes[:, None] * t}
+
+
+class BAM(nn.Module):
+    """Bayesian Attention Mechanism: a learned Generalized-Gaussian prior per head.
+
+    b_h(t) = -exp(theta_alpha_h) * (|t - mu_h| + eps) ** theta_beta_h,  mu_h = 2 sinh(theta_mu_h)
+    theta_beta is unconstrained: beta < 0 gives 'retrieval' heads. Init: alpha = ALiBi slope,
+    beta = 1 (the prior starts as ALiBi). theta_mu is fixed at 0 (mu = 0).
+    """
+    additive = True
+    score = staticmethod(prior_score)
+    eps = 1e-5
+
+    def __init__(self, config):
+        super().__init__()
+        self.theta_alpha = nn.Parameter(alibi_slopes(config.n_head).log())
+        self.theta_beta = nn.Parameter(torch.ones(config.n_head))
+        self.register_buffer("theta_mu", torch.zeros(config.n_head))
+
+    def tables(self, n, device):
+        t = torch.arange(n, device=device, dtype=torch.float32)
+        mu = (self.theta_mu.exp() - (-self.theta_mu).exp())[:, None]
+        alpha, beta = self.theta_alpha.float().exp()[:, None], self.theta_beta.float()[:, None]
+        return {"prior": -alpha * ((t - mu).abs() + self.eps) ** beta}
+
+
+class ScaleInvariant(nn.Module):
+    """Scale-invariant attention: L = a_t * S + m_t, nothing trained.
+
+    a_t = sqrt(2 log(t/tau + 1) + 1), m_t = -2 log(t/tau + 1)   (papers.md; a_0 = 1, m_0 = 0)
+    """
+    additive = False
+
+    def __init__(self, config):
+        super().__init__()
+        self.tau = config.scaleinv_tau
+
+    def tables(self, n, device):
+        log_t = torch.log1p(torch.arange(n, device=device, dtype=torch.float32) / self.tau)
+        return {"a": torch.sqrt(2 * log_t + 1), "m": -2 * log_t}
+
+    @staticmethod
+    def score(s, b, h, q, kv, tables):
+        t = distance(q, kv)
+        return s * tables["a"][t] + tables["m"][t]
+
+
+VARIANTS = {"nope": NoPE, "alibi": ALiBi, "bam": BAM, "scaleinv": ScaleInvariant}
+ENGINES = ("auto", "sdpa", "flex", "chunked")
+
+
+# ----------------------------------------------------------------------------------------
+# per-row factors: SSMax and document positions
+
+def positions_in_document(doc):
+    """Position of each token since the start of its document, from (B, T) document ids."""
+    T = doc.shape[1]
+    idx = torch.arange(T, device=doc.device).expand_as(doc)
+    starts = torch.ones_like(doc, dtype=torch.bool)
+    starts[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    return idx - torch.cummax(torch.where(starts, idx, 0), dim=1).values
+
+
+def ssmax_factor(scale, batch, n_query, q_offset, doc):
+    """SSMax: c[b, h, i] = s_h * log(n_i), n_i = keys query i sees (counted inside its document)."""
+    if doc is None:
+        n = torch.arange(q_offset + 1, q_offset + n_query + 1, device=scale.device).expand(batch, -1)
+    else:
+        n = positions_in_document(doc)[:, q_offset:] + 1
+    return scale.float()[None, :, None] * torch.log(n.float())[:, None, :]
+
+
+def make_score_mod(variant, tables, ssmax, q_offset):
+    """The full score function of one attention call, in FlexAttention's signature.
+    q arrives as the local query index; the variant sees absolute positions."""
+    def score_mod(s, b, h, q, kv):
+        s = variant.score(s, b, h, q + q_offset, kv, tables)
+        if ssmax is not None:
+            s = s * ssmax[b, h, q]
+        return s
+    return score_mod
+
+
+def document_ids(idx, eot):
+    """Document id of every token: each end-of-text token starts a new document."""
+    return torch.cumsum(idx == eot, dim=1)
+
+
+# ----------------------------------------------------------------------------------------
+# engines
+
+def _index_grids(B, H, q_range, k_range, device, doc):
+    # without documents every batch row scores alike: one row of the grid serves them all
+    b = torch.arange(B if doc is not None else 1, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(H, device=device).view(1, H, 1, 1)
+    q = torch.arange(*q_range, device=device).view(1, 1, -1, 1)
+    kv = torch.arange(*k_range, device=device).view(1, 1, 1, -1)
+    return b, h, q, kv
+
+
+def _allowed(b, q, kv, q_offset, doc):
+    """Causal (+ same document) mask on index grids; q is the local query index."""
+    mask = q + q_offset >= kv
+    if doc is not None:
+        mask = mask & (doc[b, q + q_offset] == doc[b, kv])
+    return mask
+
+
+def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    plain = isinstance(variant, NoPE) and ssmax is None and doc is None
+    if plain and Tq == Tk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if plain and Tq == 1:  # one new token against its cache: nothing to mask
+        return F.scaled_dot_product_attention(q, k, v)
+    b, h, qi, ki = _index_grids(B, H, (0, Tq), (0, Tk), q.device, doc)
+    mask = _allowed(b, qi, ki, q_offset, doc)
+    if variant.additive:
+        # (S + f) * c = (q * c).k / sqrt(d) + f * c: fold the row factor c into q, pass f * c
+        bias = score_mod(torch.zeros((), device=q.device), b, h, qi, ki)
+        bias = torch.where(mask, bias, float("-inf")).to(q.dtype)
+        if ssmax is not None:
+            q = q * ssmax[..., None].to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
+    s = torch.where(mask, score_mod(s, b, h, qi, ki), float("-inf"))
+    return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
+
+
+def chunked_attention(q, k, v, score_mod, doc, q_offset, block):
+    """Online softmax over (query block x key block) tiles, in float32. Memory ~ B*H*block^2."""
+    B, H, Tq, D = q.shape
+    out = []
+    for qs in range(0, Tq, block):
+        qe = min(qs + block, Tq)
+        q_tile = q[:, :, qs:qe].float() / math.sqrt(D)
+        m = torch.full((B, H, qe - qs, 1), float("-inf"), device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(B, H, qe - qs, D, device=q.device)
+        k_end = q_offset + qe  # causal: later keys are never seen by this query block
+        for ks in range(0, k_end, block):
+            ke = min(ks + block, k_end)
+            b, h, qi, ki = _index_grids(B, H, (qs, qe), (ks, ke), q.device, doc)
+            s = score_mod(q_tile @ k[:, :, ks:ke].float().transpose(-1, -2), b, h, qi, ki)
+            if doc is not None or ke - 1 > qs + q_offset:  # tiles wholly in the past need no mask
+                s = torch.where(_allowed(b, qi, ki, q_offset, doc), s, float("-inf"))
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+            p = torch.exp(s - m_safe)
+            correction = torch.exp(m - m_safe)
+            l = l * correction + p.sum(dim=-1, keepdim=True)
+            acc = acc * correction + p @ v[:, :, ks:ke].float()
+            m = m_new
+        out.append(acc / l)
+    return torch.cat(out, dim=2).to(q.dtype)
+
+
+_block_masks = {}
+_flex_compiled = None
+
+
+def _flex_block_mask(B, Tq, Tk, q_offset, doc, device):
+    def causal(b, h, q, kv):
+        return q + q_offset >= kv
+
+    def causal_document(b, h, q, kv):
+        return (q + q_offset >= kv) & (doc[b, q + q_offset] == doc[b, kv])
+
+    compile_mask = device.type == "cuda"  # eager mask building at 256K tried to take 64 GB
+    if doc is not None:  # documents change every batch: no caching
+        return create_block_mask(causal_document, B, None, Tq, Tk, device=device, _compile=compile_mask)
+    key = (Tq, Tk, q_offset, str(device))
+    if key not in _block_masks:
+        _block_masks.clear()  # lengths change: keep only the current mask
+        _block_masks[key] = create_block_mask(causal, None, None, Tq, Tk, device=device, _compile=compile_mask)
+    return _block_masks[key]
+
+
+def flex_engine(q, k, v, score_mod, doc, q_offset):
+    global _flex_compiled
+    B, H, Tq, D = q.shape
+    block_mask = _flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
+    if q.device.type != "cuda":  # eager flex: forward only, a reference off CUDA (it warns so)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    # default Triton configs ran out of shared memory with table-indexing score_mods (design.md)
+    options = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8}
+    return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
+
+
+def choose_engine(engine, variant, ssmax, doc, q, k):
+    """'auto': flash for plain NoPE, flex on CUDA, sdpa off CUDA while the T x T bias is small,
+    chunked beyond that."""
+    if engine != "auto":
+        return engine
+    if q.device.type == "cuda":
+        plain = isinstance(variant, NoPE) and ssmax is None and doc is None
+        return "sdpa" if plain else "flex"
+    B, H, Tq, _ = q.shape
+    return "sdpa" if B * H * Tq * k.shape[2] <= 2 ** 26 else "chunked"
+
+
+def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="auto", block=512):
+    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) under a positional variant.
+
+    tables: variant.tables(Tk, device); ssmax: (B, H, Tq) factor or None; doc: (B, Tk) ids or
+    None; q_offset: absolute position of the first query (Tk - Tq with a KV cache).
+    """
+    engine = choose_engine(engine, variant, ssmax, doc, q, k)
+    score_mod = make_score_mod(variant, tables, ssmax, q_offset)
+    if engine == "sdpa":
+        return sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset)
+    if engine == "chunked":
+        return chunked_attention(q, k, v, score_mod, doc, q_offset, block)
+    if engine == "flex":
+        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+            raise RuntimeError("FlexAttention has no backward off CUDA: train with --engine sdpa or chunked")
+        return flex_engine(q, k, v, score_mod, doc, q_offset)
+    raise ValueError(f"unknown attention engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
+# ----------------------------------------------------------------------------------------
+# rotary embeddings (RoPE and p-RoPE)
+
+def rotary_frequencies(head_dim, base, fraction):
+    """Inverse frequencies of the rotary pairs. p-RoPE (fraction < 1) rotates only the
+    highest-frequency `fraction` of the pairs; the rest get frequency 0, i.e. no rotation."""
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    inv_freq[round(fraction * inv_freq.numel()):] = 0.0
+    return inv_freq
+
+
+def apply_rotary(x, positions, inv_freq):
+    """Rotate (B, H, T, D) by angle position * freq, pairing dimension i with i + D/2."""
+    angles = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -1,0 +1,1 @@
+"""Dataset preparation (prepare.py), the token shard format and the batch loader."""

@@ -1,0 +1,132 @@
+"""Token shards in the llm.c / modded-nanogpt .bin format, and the dataset's meta.json.
+
+A shard is a header of 256 int32 (magic 20240520, version 1, token count, zeros) followed by
+the tokens as uint16, all little-endian. A prepared dataset is a folder of train_*.bin,
+val_*.bin and a meta.json saying how it was made (tokenizer, counts, settings).
+"""
+import json
+import os
+
+import numpy as np
+
+from data.tokenizer import get_tokenizer
+
+MAGIC, VERSION = 20240520, 1
+HEADER_INTS = 256
+HEADER_BYTES = 4 * HEADER_INTS
+SOURCES = ("synthetic", "text", "shakespeare", "fineweb")  # the subcommands of data/prepare.py
+
+
+def prepare_command(folder):
+    """The data/prepare.py command line that builds `folder`, for error messages."""
+    source = os.path.basename(os.path.normpath(folder))
+    source = source if source in SOURCES else "<source>"
+    cmd = f"python data/prepare.py {source}" + (" --input FILES" if source == "text" else "")
+    if os.path.normpath(folder) != os.path.join("data", source):
+        cmd += f" --out {folder}"
+    return cmd
+
+
+def _atomic_write(path, chunks):
+    """Write byte chunks to a temp file next to `path`, then rename it into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _check_range(tokens):
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"token ids must be in [0, 65535] to fit a uint16 shard, got max {tokens.max()}")
+
+
+def write_shard(path, tokens):
+    """Write one shard atomically (a reader never sees a half-written file)."""
+    tokens = np.asarray(tokens)
+    _check_range(tokens)
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    _atomic_write(path, [header.tobytes(), tokens.astype("<u2").tobytes()])
+
+
+def read_header(path):
+    """Validate a shard's header and size; return its token count."""
+    with open(path, "rb") as f:
+        raw = f.read(HEADER_BYTES)
+    header = np.frombuffer(raw, dtype="<i4") if len(raw) == HEADER_BYTES else np.zeros(HEADER_INTS, "<i4")
+    rebuild = f"re-run {prepare_command(os.path.dirname(path))} --force"
+    if header[0] != MAGIC:
+        raise ValueError(f"{path}: not a token shard (bad magic, expected {MAGIC}); {rebuild}")
+    if header[1] != VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {VERSION}); {rebuild}")
+    count, size = int(header[2]), os.path.getsize(path)
+    if size != HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: truncated or padded shard ({size} bytes, header says {count} tokens "
+                         f"= {HEADER_BYTES + 2 * count} bytes); {rebuild}")
+    return count
+
+
+def load_tokens(path):
+    """Memory-map a shard's tokens as a read-only uint16 array (after validating the header)."""
+    count = read_header(path)
+    if count == 0:  # mmap cannot map zero bytes
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+class ShardWriter:
+    """Stream tokens into {prefix}_000000.bin, {prefix}_000001.bin, ... of shard_size tokens
+    each (the last may be shorter). Holds at most one shard in memory."""
+
+    def __init__(self, folder, prefix, shard_size):
+        self.folder, self.prefix = folder, prefix
+        self.buf = np.empty(shard_size, dtype=np.uint16)
+        self.fill = 0  # tokens in buf
+        self.files = []  # shards written so far
+        self.n_tokens = 0  # tokens added so far
+
+    def add(self, tokens):
+        tokens = np.asarray(tokens)
+        _check_range(tokens)
+        self.n_tokens += len(tokens)
+        while len(tokens):
+            n = min(len(tokens), len(self.buf) - self.fill)
+            self.buf[self.fill:self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def _flush(self):
+        path = os.path.join(self.folder, f"{self.prefix}_{len(self.files):06d}.bin")
+        write_shard(path, self.buf[:self.fill])
+        self.files.append(path)
+        self.fill = 0
+
+    def close(self):
+        """Write the last, partial shard; return the list of shard paths."""
+        if self.fill:
+            self._flush()
+        return self.files
+
+
+def write_meta(folder, **fields):
+    _atomic_write(os.path.join(folder, "meta.json"), [json.dumps(fields, indent=2).encode()])
+
+
+def read_meta(folder):
+    path = os.path.join(folder, "meta.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no prepared dataset in {folder} (no meta.json); make it with {prepare_command(folder)}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def tokenizer_from_meta(meta):
+    """The tiktoken Encoding a prepared dataset was made with."""
+    return get_tokenizer(meta["tokenizer"], meta.get("ranks_file"))

@@ -1,0 +1,236 @@
+"""
+A compact GPT whose positional signal is one config field (attention.py has the variants).
+Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
+Runs past its training length: nothing here depends on a maximum sequence length.
+"""
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attention import ENGINES, VARIANTS, apply_rotary, attend, rotary_frequencies, ssmax_factor
+
+ROPE_MODES = ("none", "full", "partial")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512  # training length (the model itself runs at any length)
+    vocab_size: int = 320  # padded to a multiple of 64; the byte tokenizer has 257 ids
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    qk_norm: bool = False  # RMSNorm on queries and keys before attention
+    attention: str = "bam"  # positional variant: nope | alibi | bam | scaleinv
+    ssmax: bool | None = None  # SSMax / LogN scaling; None = on for bam, off otherwise
+    rope: str | None = None  # none | full | partial (p-RoPE); None = partial for scaleinv, else none
+    rope_fraction: float = 0.75  # p-RoPE: fraction of rotary pairs (the highest frequencies) rotated
+    rope_base: float = 10000.0
+    scaleinv_tau: float = 10.0  # scale-invariant attention's tau
+    bam_per_layer: bool = False  # one BAM prior per layer instead of one shared by all layers
+    engine: str = "auto"  # attention engine: auto | sdpa | flex | chunked
+    attn_block: int = 512  # tile size of the chunked engine
+
+    def __post_init__(self):
+        if self.ssmax is None:
+            self.ssmax = self.attention == "bam"
+        if self.rope is None:
+            self.rope = "partial" if self.attention == "scaleinv" else "none"
+        checks = [
+            (self.attention in VARIANTS, f"unknown attention {self.attention!r}; choose one of {', '.join(VARIANTS)}"),
+            (self.engine in ENGINES, f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}"),
+            (self.rope in ROPE_MODES, f"unknown rope {self.rope!r}; choose one of {', '.join(ROPE_MODES)}"),
+            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}"),
+            ((self.n_embd // self.n_head) % 2 == 0, "head size (n_embd / n_head) must be even for rotary"),
+            (0.0 <= self.rope_fraction <= 1.0, f"rope_fraction {self.rope_fraction} is outside [0, 1]"),
+            (min(self.n_layer, self.n_head, self.block_size, self.vocab_size, self.attn_block) > 0,
+             "n_layer, n_head, block_size, vocab_size and attn_block must be positive"),
+            (self.scaleinv_tau > 0, f"scaleinv_tau must be positive, got {self.scaleinv_tau}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        head_dim = config.n_embd // config.n_head
+        self.qk_norm = config.qk_norm
+        if config.ssmax:
+            self.ssmax_scale = nn.Parameter(torch.ones(config.n_head))  # s_h, init 1
+        if config.rope != "none":
+            fraction = 1.0 if config.rope == "full" else config.rope_fraction
+            self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
+
+    def forward(self, x, variant, tables, doc=None, cache=None):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.qk_norm:
+            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        q_offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        if self.config.rope != "none":
+            positions = torch.arange(q_offset, q_offset + T, device=x.device)
+            q, k = apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq)
+        if cache is not None:
+            if q_offset:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+        ssmax = ssmax_factor(self.ssmax_scale, B, T, q_offset, doc) if self.config.ssmax else None
+        y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
+                   engine=self.config.engine, block=self.config.attn_block)
+        return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.RMSNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.RMSNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, variant, tables, doc=None, cache=None):
+        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied embeddings
+        # one positional variant shared by all layers (BAM's "global prior"), or one per layer
+        n_variants = config.n_layer if config.bam_per_layer and config.attention == "bam" else 1
+        self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_variants)])
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def hidden_states(self, idx, doc=None, cache=None):
+        """Final-norm hidden states (B, T, C). doc: (B, T) document ids for document masking;
+        cache: a list of per-layer dicts from new_cache(), extended in place."""
+        B, T = idx.shape
+        n_keys = T + (cache[0]["k"].shape[2] if cache is not None and cache[0].get("k") is not None else 0)
+        tables = [p.tables(n_keys, idx.device) for p in self.positional]
+        x = self.drop(self.wte(idx))
+        for i, block in enumerate(self.blocks):
+            j = i % len(self.positional)
+            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i])
+        return self.ln_f(x)
+
+    def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):
+        """Like nanoGPT: with targets, logits everywhere and the mean cross-entropy (ignore -1);
+        without, logits at the last position only, or at the positions `logits_at` lists
+        (long evaluation must never build a T x vocab tensor)."""
+        x = self.hidden_states(idx, doc, cache)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        x = x[:, -1:] if logits_at is None else x[:, logits_at]
+        return self.lm_head(x), None
+
+    def new_cache(self):
+        return [{} for _ in self.blocks]
+
+    def param_groups(self, weight_decay, decay_embeddings=True):
+        """AdamW groups: decay weight matrices only. Norms, positional-prior and SSMax
+        parameters (all 1-D) never decay; the (tied) embedding decays if decay_embeddings."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = name == "wte.weight"
+            (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):
+        """Sample max_new_tokens after idx (B, T). With the KV cache the prompt is prefilled in
+        one pass, then each new token attends to the cached keys at their true positions."""
+        cache = self.new_cache() if use_cache else None
+        step_input = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(step_input if use_cache else idx, cache=cache)
+            logits = logits[:, -1, :].float()
+            if temperature == 0:
+                next_token = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                next_token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            idx = torch.cat((idx, next_token), dim=1)
+            step_input = next_token
+        return idx
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints: plain tensors and dicts, written atomically, loaded with weights_only=True
+
+def save_checkpoint(checkpoint, path):
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`:
+    a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, device="cpu"):
+    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with python train.py --out-dir ...")
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        known = {f.name for f in fields(GPTConfig)}
+        unknown = set(checkpoint["model_config"]) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
+    return model.to(device), checkpoint

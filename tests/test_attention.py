@@ -1,0 +1,218 @@
+"""Positional variants against papers.md in float64, and the three engines against each other."""
+import math
+
+import pytest
+import torch
+
+from attention import (VARIANTS, alibi_slopes, attend, make_score_mod, positions_in_document,
+                       rotary_frequencies, ssmax_factor)
+from model import GPTConfig
+
+torch.manual_seed(0)
+ENGINES = ("sdpa", "chunked", "flex")
+
+
+def variant(name, n_head=4, **overrides):
+    return VARIANTS[name](GPTConfig(attention=name, n_head=n_head, n_embd=16 * n_head, **overrides))
+
+
+# ---------------------------------------------------------------- formulas (papers.md), float64
+
+def reference_logit(name, S, h, i, j, H, n_i=None, alpha=None, beta=None, s_h=None, tau=10.0):
+    """Direct float64 computation of one logit from papers.md."""
+    t = i - j
+    if name == "nope":
+        L = S
+    elif name == "alibi":
+        L = S - 2 ** (-8 * (h + 1) / H) * t
+    elif name == "bam":
+        L = S - math.exp(alpha) * (abs(t - 0.0) + 1e-5) ** beta
+    elif name == "scaleinv":
+        a = math.sqrt(2 * math.log(t / tau + 1) + 1)
+        m = -2 * math.log(t / tau + 1)
+        L = a * S + m
+    if s_h is not None:
+        L = L * s_h * math.log(n_i)
+    return L
+
+
+def code_logit(v, S, h, i, j, n, ssmax=None, q_offset=0):
+    tables = {key: t.double() for key, t in v.tables(n, "cpu").items()}
+    score_mod = make_score_mod(v, tables, ssmax, q_offset)
+    return score_mod(torch.tensor(S, dtype=torch.float64), torch.tensor(0), torch.tensor(h),
+                     torch.tensor(i - q_offset), torch.tensor(j)).item()
+
+
+POINTS = [(0, 0, 0), (1, 5, 5), (2, 7, 3), (3, 100, 0), (0, 999, 998), (1, 4000, 17)]
+
+
+@pytest.mark.parametrize("name", ["nope", "alibi", "scaleinv"])
+def test_fixed_variants_match_papers(name):
+    v = variant(name)
+    for h, i, j in POINTS:
+        S = 0.37 * (h + 1) - 0.01 * j
+        got = code_logit(v, S, h, i, j, n=4001)
+        want = reference_logit(name, S, h, i, j, H=4)
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (h, i, j)
+
+
+def test_scaleinv_boundary_and_large_t():
+    v = variant("scaleinv")
+    tables = v.tables(200_001, "cpu")
+    assert tables["a"][0].item() == 1.0 and tables["m"][0].item() == 0.0  # local tokens untouched
+    t = 200_000
+    assert tables["a"][t].item() == pytest.approx(math.sqrt(2 * math.log(t / 10 + 1) + 1), rel=1e-6)
+    assert tables["m"][t].item() == pytest.approx(-2 * math.log(t / 10 + 1), rel=1e-6)
+    v_tau = variant("scaleinv", scaleinv_tau=3.0)
+    assert code_logit(v_tau, 1.5, 0, 50, 20, n=51) == pytest.approx(
+        reference_logit("scaleinv", 1.5, 0, 50, 20, H=4, tau=3.0), rel=1e-6)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.4, -0.3, -0.9])
+def test_bam_prior_matches_papers(beta):
+    v = variant("bam")
+    with torch.no_grad():
+        v.theta_alpha.copy_(torch.tensor([-1.0, -2.0, 0.5, -4.0]))
+        v.theta_beta.fill_(beta)
+    for h, i, j in POINTS:
+        got = code_logit(v, 0.8, h, i, j, n=4001)
+        want = reference_logit("bam", 0.8, h, i, j, H=4, alpha=v.theta_alpha[h].item(), beta=beta)
+        assert got == pytest.approx(want, rel=1e-5), (h, i, j)
+
+
+def test_bam_init_is_alibi():
+    bam, alibi = variant("bam"), variant("alibi")
+    for h, i, j in POINTS:
+        assert code_logit(bam, 0.3, h, i, j, 4001) == pytest.approx(code_logit(alibi, 0.3, h, i, j, 4001), abs=1e-4)
+
+
+def test_bam_with_ssmax_matches_papers():
+    v = variant("bam")
+    with torch.no_grad():
+        v.theta_beta.copy_(torch.tensor([1.0, -0.5, 0.2, -1.2]))
+    s = torch.tensor([1.0, 1.3, 0.7, 2.0], dtype=torch.float64)
+    ssmax = ssmax_factor(s, 1, 4001, 0, None).double()
+    for h, i, j in POINTS:
+        got = code_logit(v, 0.8, h, i, j, n=4001, ssmax=ssmax)
+        want = reference_logit("bam", 0.8, h, i, j, H=4, alpha=v.theta_alpha[h].item(),
+                               beta=v.theta_beta[h].item(), s_h=s[h].item(), n_i=i + 1)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), (h, i, j)
+
+
+def test_ssmax_counts_keys_inside_the_document():
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])
+    assert positions_in_document(doc).tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3]]
+    factor = ssmax_factor(torch.tensor([2.0]), 1, 9, 0, doc)
+    assert torch.allclose(factor[0, 0], 2.0 * torch.log(torch.tensor([1., 2, 3, 1, 2, 1, 2, 3, 4])))
+
+
+def test_alibi_slopes():
+    assert alibi_slopes(8).tolist() == pytest.approx([2 ** -k for k in range(1, 9)])
+    assert alibi_slopes(16).tolist() == pytest.approx([2 ** (-k / 2) for k in range(1, 17)])
+    # 12 heads: the 8 slopes of H=8, then every other slope of H=16 (the ALiBi repo's rule)
+    want12 = [2 ** -k for k in range(1, 9)] + [2 ** -0.5, 2 ** -1.5, 2 ** -2.5, 2 ** -3.5]
+    assert alibi_slopes(12).tolist() == pytest.approx(want12)
+
+
+def test_prope_rotates_only_the_highest_frequencies():
+    inv_freq = rotary_frequencies(64, 10000.0, 0.75)
+    assert (inv_freq[:24] > 0).all() and (inv_freq[24:] == 0).all()
+    assert inv_freq[0] == 1.0 and torch.all(inv_freq[:24][1:] < inv_freq[:24][:-1])
+    assert (rotary_frequencies(64, 10000.0, 1.0) > 0).all()
+
+
+# ---------------------------------------------------------------- engines agree
+
+def reference_attention(q, k, v, var, ssmax, doc):
+    """Float64 attention over the whole T x T matrix, logits from the float64 score function."""
+    B, H, T, D = q.shape
+    tables = {key: t.double() for key, t in var.tables(T, "cpu").items()}
+    score_mod = make_score_mod(var, tables, None if ssmax is None else ssmax.double(), 0)
+    b, h = torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1)
+    i, j = torch.arange(T).view(1, 1, T, 1), torch.arange(T).view(1, 1, 1, T)
+    S = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
+    mask = i >= j
+    if doc is not None:
+        mask = mask & (doc[b, i] == doc[b, j])
+    L = torch.where(mask, score_mod(S, b, h, i, j), float("-inf"))
+    return torch.softmax(L, dim=-1) @ v.double()
+
+
+def random_case(name, T, use_ssmax, use_doc, B=2, H=2, D=16):
+    var = variant(name, n_head=H)
+    if name == "bam":
+        with torch.no_grad():
+            var.theta_beta.copy_(torch.tensor([0.7, -0.4]))  # a local and a retrieval head
+    q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
+    doc = torch.sort(torch.randint(0, 3, (B, T)), dim=1).values if use_doc else None
+    scale = torch.tensor([1.2, 0.8])
+    ssmax = ssmax_factor(scale, B, T, 0, doc) if use_ssmax else None
+    return var, q, k, v, ssmax, doc
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("use_ssmax", [False, True])
+@pytest.mark.parametrize("use_doc", [False, True])
+def test_engines_agree_with_float64_reference(name, use_ssmax, use_doc):
+    for T in (1, 37, 130, 1000):
+        var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
+        want = reference_attention(q, k, v, var, ssmax, doc)
+        tables = var.tables(T, "cpu")
+        for engine in ENGINES:
+            with torch.no_grad():
+                got = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine=engine, block=64)
+            err = (got.double() - want).abs().max().item()
+            assert err < 2e-5, f"{engine} {name} T={T} ssmax={use_ssmax} doc={use_doc}: max error {err}"
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_training_engines_agree_on_gradients(name):
+    """sdpa and chunked (the CPU training engines) give the same gradients for q, k, v, the
+    prior parameters and the SSMax scale."""
+    T, B, H = 130, 2, 2
+    grads = {}
+    for engine in ("sdpa", "chunked"):
+        torch.manual_seed(1)
+        var, q, k, v, _, doc = random_case(name, T, False, True)
+        scale = torch.tensor([1.2, 0.8], requires_grad=True)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        ssmax = ssmax_factor(scale, B, T, 0, doc)
+        out = attend(q, k, v, var, var.tables(T, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=48)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads[engine] = [q.grad, k.grad, v.grad, scale.grad] + [p.grad for p in var.parameters()]
+    for a, b in zip(grads["sdpa"], grads["chunked"]):
+        assert a is not None and torch.allclose(a, b, atol=2e-5, rtol=1e-4)
+    if name == "bam":
+        assert all(g.abs().sum() > 0 for g in grads["sdpa"][4:])
+
+
+def test_kv_offset_matches_full_attention():
+    """Queries at the end of a longer key sequence (the KV-cache case) see true positions."""
+    for name in VARIANTS:
+        var, q, k, v, ssmax, _ = random_case(name, 50, True, False)
+        tables = var.tables(50, "cpu")
+        full = attend(q, k, v, var, tables, ssmax=ssmax, engine="sdpa")
+        for engine in ENGINES:
+            with torch.no_grad():
+                tail = attend(q[:, :, 45:], k, v, var, tables, ssmax=ssmax[:, :, 45:], q_offset=45,
+                              engine=engine, block=16)
+            assert torch.allclose(tail, full[:, :, 45:], atol=1e-5), (name, engine)
+
+
+def test_flex_refuses_backward_off_cuda():
+    var, q, k, v, _, _ = random_case("alibi", 8, False, False)
+    with pytest.raises(RuntimeError, match="no backward off CUDA"):
+        attend(q.requires_grad_(), k, v, var, var.tables(8, "cpu"), engine="flex")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_flex_on_cuda_matches_chunked():
+    for name in VARIANTS:
+        var, q, k, v, ssmax, doc = random_case(name, 1000, name == "bam", True)
+        var, q, k, v, doc = var.cuda(), q.cuda(), k.cuda(), v.cuda(), doc.cuda()
+        ssmax = None if ssmax is None else ssmax.cuda()
+        tables = var.tables(1000, "cuda")
+        with torch.no_grad():
+            a = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="flex")
+            b = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="chunked")
+        assert torch.allclose(a, b, atol=1e-3), name

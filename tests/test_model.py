@@ -1,0 +1,127 @@
+"""The GPT: causality, document isolation, training signal, KV cache, parameter groups."""
+import pytest
+import torch
+
+from attention import VARIANTS, document_ids
+from model import GPT, GPTConfig
+
+EOT = 0
+
+
+def tiny(name, **overrides):
+    torch.manual_seed(0)
+    config = dict(attention=name, n_layer=2, n_head=2, n_embd=32, vocab_size=64, block_size=32)
+    config.update(overrides)
+    return GPT(GPTConfig(**config)).eval()
+
+
+def all_logits(model, idx, doc=None):
+    with torch.no_grad():
+        return model(idx, doc=doc, logits_at=torch.arange(idx.shape[1]))[0]
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("engine", ["sdpa", "chunked", "flex"])
+def test_causal_and_document_isolation(name, engine):
+    model = tiny(name, engine=engine, attn_block=8, qk_norm=True)
+    idx = torch.randint(1, 64, (2, 30))
+    idx[:, 12] = EOT  # document 2 starts at position 12
+    base = all_logits(model, idx, document_ids(idx, EOT))
+
+    later = idx.clone()
+    later[:, 20] = (later[:, 20] + 1) % 63 + 1
+    changed = all_logits(model, later, document_ids(later, EOT))
+    assert torch.allclose(changed[:, :20], base[:, :20], atol=1e-5)
+    assert not torch.allclose(changed[:, 20:], base[:, 20:], atol=1e-3)
+
+    other_doc = idx.clone()
+    other_doc[:, 5] = (other_doc[:, 5] + 1) % 63 + 1  # a token of document 1
+    changed = all_logits(model, other_doc, document_ids(other_doc, EOT))
+    assert torch.allclose(changed[:, 12:], base[:, 12:], atol=1e-5)
+    without_mask = all_logits(model, other_doc)  # no document ids: the change is seen
+    assert not torch.allclose(without_mask[:, 12:], base[:, 12:], atol=1e-3)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_kv_cache_generation_equals_full_recomputation(name):
+    model = tiny(name, bam_per_layer=True)
+    prompt = torch.randint(1, 64, (2, 9))
+    cached = model.generate(prompt, 15, temperature=0, use_cache=True)
+    full = model.generate(prompt, 15, temperature=0, use_cache=False)
+    assert torch.equal(cached, full)
+    # and the logits themselves, token by token, past the training length
+    cache = model.new_cache()
+    seq = torch.randint(1, 64, (1, 45))
+    with torch.no_grad():
+        step_logits = [model(seq[:, :20], cache=cache, logits_at=torch.arange(20))[0]]
+        for t in range(20, 45):
+            step_logits.append(model(seq[:, t:t + 1], cache=cache)[0])
+    assert torch.allclose(torch.cat(step_logits, dim=1), all_logits(model, seq), atol=1e-5)
+
+
+def test_sampling_with_cache_matches_without_for_a_seed():
+    model = tiny("bam")
+    prompt = torch.randint(1, 64, (1, 5))
+    a = model.generate(prompt, 10, temperature=0.8, top_k=10, generator=torch.Generator().manual_seed(3))
+    b = model.generate(prompt, 10, temperature=0.8, top_k=10, use_cache=False,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["bam", "scaleinv"])
+def test_tiny_model_overfits_a_fixed_batch(name):
+    model = tiny(name).train()
+    idx = torch.randint(1, 64, (4, 33))
+    optimizer = torch.optim.AdamW(model.param_groups(0.0), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.5 and losses[-1] < 0.5, losses[::10]
+
+
+def test_bam_prior_and_ssmax_receive_gradients():
+    for per_layer in (False, True):
+        model = tiny("bam", bam_per_layer=per_layer).train()
+        idx = torch.randint(1, 64, (2, 17))
+        _, loss = model(idx[:, :-1], idx[:, 1:], doc=document_ids(idx[:, :-1], EOT))
+        loss.backward()
+        priors = [p for n, p in model.named_parameters() if "theta" in n]
+        scales = [p for n, p in model.named_parameters() if "ssmax_scale" in n]
+        assert len(priors) == (2 * 2 if per_layer else 2) and len(scales) == 2
+        for p in priors + scales:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_param_groups_never_decay_priors_norms_or_ssmax():
+    model = tiny("bam", bam_per_layer=True)
+    decay, no_decay = model.param_groups(0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert not any("theta" in n or "ssmax" in n or "ln_" in n for n in decayed)
+    assert "wte.weight" in decayed and "blocks.0.attn.c_attn.weight" in decayed
+    decay, no_decay = model.param_groups(0.1, decay_embeddings=False)
+    assert "wte.weight" not in {names[id(p)] for p in decay["params"]}
+    n_grouped = len(decay["params"]) + len(no_decay["params"])
+    assert n_grouped == len(list(model.parameters()))
+
+
+def test_defaults_and_bad_config():
+    assert GPTConfig(attention="bam").ssmax is True and GPTConfig(attention="alibi").ssmax is False
+    assert GPTConfig(attention="scaleinv").rope == "partial" and GPTConfig(attention="nope").rope == "none"
+    for bad, match in [(dict(attention="rope"), "unknown attention 'rope'"),
+                       (dict(engine="fast"), "unknown engine"),
+                       (dict(n_embd=30, n_head=4), "not divisible"),
+                       (dict(rope="half"), "unknown rope")]:
+        with pytest.raises(ValueError, match=match):
+            GPTConfig(**bad)
+
+
+def test_runs_far_past_block_size():
+    model = tiny("scaleinv", block_size=16)
+    logits, _ = model(torch.randint(1, 64, (1, 300)), logits_at=torch.tensor([0, 299]))
+    assert logits.shape == (1, 2, 64) and torch.isfinite(logits).all()
