@@ -5,7 +5,8 @@ Runs past its training length: nothing here depends on a maximum sequence length
 """
 import math
 import os
-from dataclasses import dataclass, fields
+import pickle
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -16,24 +17,29 @@ from attention import ENGINES, VARIANTS, apply_rotary, attend, rotary_frequencie
 ROPE_MODES = ("none", "full", "partial")
 
 
+def param(default, help):
+    """A config field with its --help text (train.py turns config fields into flags)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 512  # training length (the model itself runs at any length)
-    vocab_size: int = 320  # padded to a multiple of 64; the byte tokenizer has 257 ids
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    qk_norm: bool = False  # RMSNorm on queries and keys before attention
-    attention: str = "bam"  # positional variant: nope | alibi | bam | scaleinv
-    ssmax: bool | None = None  # SSMax / LogN scaling; None = on for bam, off otherwise
-    rope: str | None = None  # none | full | partial (p-RoPE); None = partial for scaleinv, else none
-    rope_fraction: float = 0.75  # p-RoPE: fraction of rotary pairs (the highest frequencies) rotated
-    rope_base: float = 10000.0
-    scaleinv_tau: float = 10.0  # scale-invariant attention's tau
-    bam_per_layer: bool = False  # one BAM prior per layer instead of one shared by all layers
-    engine: str = "auto"  # attention engine: auto | sdpa | flex | chunked
-    attn_block: int = 512  # tile size of the chunked engine
+    block_size: int = param(384, "training length in tokens (the model itself runs at any length)")
+    vocab_size: int = param(320, "vocabulary size, padded to a multiple of 64 (train.py sets it from the data)")
+    n_layer: int = param(4, "number of transformer blocks")
+    n_head: int = param(4, "attention heads per block")
+    n_embd: int = param(128, "model width")
+    dropout: float = param(0.0, "dropout probability")
+    qk_norm: bool = param(False, "RMSNorm on queries and keys before attention")
+    attention: str = param("bam", "positional variant: nope | alibi | bam | scaleinv")
+    ssmax: bool | None = param(None, "SSMax (LogN) scaling of the logits; default on for bam, off otherwise")
+    rope: str | None = param(None, "rotary embeddings: none | full | partial (p-RoPE); default partial for scaleinv, else none")
+    rope_fraction: float = param(0.75, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate")
+    rope_base: float = param(10000.0, "rotary base")
+    scaleinv_tau: float = param(10.0, "scale-invariant attention's tau")
+    bam_per_layer: bool = param(False, "one BAM prior per layer instead of one shared by all layers")
+    engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked")
+    attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)")
 
     def __post_init__(self):
         if self.ssmax is None:
@@ -230,7 +236,7 @@ def load_checkpoint(path, device="cpu"):
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         model = GPT(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-    except (KeyError, RuntimeError, ValueError, EOFError, OSError) as e:
+    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
     return model.to(device), checkpoint

@@ -1,0 +1,77 @@
+"""
+Generate text from a trained checkpoint (with the KV cache), in the tokenizer it was trained with.
+
+    python sample.py --ckpt out/last.pt --prompt "What is the pass key?" --num-samples 3
+"""
+import argparse
+import sys
+
+import torch
+
+from data.shards import tokenizer_from_meta
+from model import load_checkpoint
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default="out/last.pt", help="checkpoint written by train.py (default: out/last.pt)")
+    p.add_argument("--prompt", default=None, help="prompt text (default: an end-of-text token, i.e. unconditional)")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
+    p.add_argument("--num-samples", type=int, default=2, help="how many samples to draw (default: 2)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
+    p.add_argument("--temperature", type=float, default=0.8,
+                   help="sampling temperature; 0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 = all (default: 50)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checking)")
+    args = p.parse_args(argv)
+    if args.num_samples <= 0 or args.max_new_tokens <= 0:
+        p.error("--num-samples and --max-new-tokens must be positive")
+    if args.temperature < 0 or args.top_k < 0:
+        p.error("--temperature and --top-k must be >= 0")
+    return args
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, checkpoint = load_checkpoint(args.ckpt, device)
+        enc = tokenizer_from_meta(checkpoint["meta"])
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        fail(str(e))
+    model.eval()
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except OSError as e:
+            fail(f"cannot read --prompt-file: {e}")
+    else:
+        prompt = args.prompt
+    ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]
+    if not ids:
+        fail("the prompt is empty; give some text or leave --prompt out")
+    if max(ids) >= model.config.vocab_size:
+        fail(f"the prompt has token ids beyond the model's vocabulary ({model.config.vocab_size})")
+
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    for i in range(args.num_samples):
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                             use_cache=not args.no_cache, generator=generator)
+        text = enc.decode(out[0].tolist()).replace("<|endoftext|>", "\n<|endoftext|>\n")
+        print(f"--- sample {i + 1} ---")
+        print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""train.py and sample.py end to end on a tiny synthetic dataset (CPU)."""
+import json
+import os
+
+import pytest
+import torch
+
+import sample
+import train
+from data import prepare
+from model import load_checkpoint, save_checkpoint
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
+        "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--warmup-steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "synthetic"
+    assert prepare.main(["synthetic", "--docs", "60", "--val-docs", "10", "--out", str(out)]) in (0, None)
+    return str(out)
+
+
+def run_train(data_dir, out_dir, *extra):
+    train.main(["--data", data_dir, "--out-dir", str(out_dir), *TINY, *extra])
+
+
+def error_of(capsys, fn, *args):
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert "Traceback" not in err
+    return err
+
+
+def state(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_trains_logs_and_checkpoints(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--max-steps", "6", "--attention", "scaleinv", "--doc-mask")
+    assert {"last.pt", "best.pt", "log.jsonl"} <= set(os.listdir(tmp_path))
+    records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(loss > 0 for loss in losses)
+    assert any("val_loss" in r for r in records)
+    model, checkpoint = load_checkpoint(str(tmp_path / "last.pt"))
+    assert checkpoint["step"] == 6 and checkpoint["meta"]["tokenizer"] == "bytes"
+    assert model.config.attention == "scaleinv" and model.config.rope == "partial"
+    assert not any(k.startswith("_orig_mod") for k in checkpoint["model"])
+
+
+def test_resume_is_bit_for_bit(data_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_train(data_dir, straight, "--max-steps", "7", "--dropout", "0.1")
+    run_train(data_dir, resumed, "--max-steps", "4", "--lr-decay-steps", "7", "--dropout", "0.1")
+    run_train(data_dir, resumed, "--max-steps", "7", "--resume")
+    a, b = state(straight / "last.pt"), state(resumed / "last.pt")
+    assert a["step"] == b["step"] == 7 and a["loader"] == b["loader"]
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_ctrl_c_saves_and_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_train(data_dir, straight, "--max-steps", "5")
+    original = train.TokenLoader.next_batch
+    calls = {"n": 0}
+
+    def next_batch_then_interrupt(self):
+        if "train_" in os.path.basename(self.files[0]):
+            calls["n"] += 1
+            if calls["n"] == 4:  # during step 3
+                raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(train.TokenLoader, "next_batch", next_batch_then_interrupt)
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, interrupted, "--max-steps", "5")
+    assert e.value.code == 130
+    assert state(interrupted / "last.pt")["step"] == 3
+    monkeypatch.setattr(train.TokenLoader, "next_batch", original)
+    run_train(data_dir, interrupted, "--max-steps", "5", "--resume")
+    a, b = state(straight / "last.pt")["model"], state(interrupted / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = str(tmp_path / "last.pt")
+    save_checkpoint({"step": 1, "weights": torch.ones(3)}, path)
+
+    def crash_mid_write(obj, f):
+        f.write(b"partial garbage")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"step": 2, "weights": torch.zeros(3)}, path)
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+    old = torch.load(path, weights_only=True)
+    assert old["step"] == 1 and torch.equal(old["weights"], torch.ones(3))
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    run_train(data_dir, tmp_path, "--max-steps", "3")
+    before = state(tmp_path / "last.pt")
+    monkeypatch.setattr(train, "learning_rate", lambda step, config: float("nan"))
+    err = error_of(capsys, run_train, data_dir, tmp_path, "--max-steps", "9", "--resume")
+    assert "loss became nan" in err and "last.pt" in err
+    after = state(tmp_path / "last.pt")
+    assert after["step"] == before["step"] == 3
+
+
+def test_config_file_sets_defaults_and_flags_override(data_dir, tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text('attention = "alibi"\nmax_steps = 2\nn_embd = 48\n')
+    run_train(data_dir, tmp_path / "out", "--config", str(config), "--n-embd", "32")
+    checkpoint = state(tmp_path / "out" / "last.pt")
+    assert checkpoint["model_config"]["attention"] == "alibi" and checkpoint["model_config"]["n_embd"] == 32
+    assert checkpoint["step"] == 2
+
+
+def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "o")
+    assert "invalid choice: 'rope'" in error_of(capsys, train.main, ["--attention", "rope"])
+    assert "data/prepare.py" in error_of(capsys, train.main, ["--data", str(tmp_path / "missing"), "--out-dir", out])
+    assert "must be positive" in error_of(capsys, run_train, data_dir, out, "--batch-size", "0")
+    assert "no backward off CUDA" in error_of(capsys, run_train, data_dir, out, "--engine", "flex")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"attentionn": "bam"}')
+    assert "unknown settings ['attentionn']" in error_of(capsys, train.main, ["--config", str(bad)])
+    bad.write_text("{not json")
+    assert "not valid JSON" in error_of(capsys, train.main, ["--config", str(bad)])
+    assert "cannot resume" in error_of(capsys, run_train, data_dir, out, "--resume")
+    run_train(data_dir, out, "--max-steps", "1")
+    err = error_of(capsys, run_train, data_dir, out, "--resume", "--attention", "alibi")
+    assert "trained with attention='bam', not 'alibi'" in err
+
+
+def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path, "--max-steps", "2")
+    capsys.readouterr()
+    args = ["--ckpt", str(tmp_path / "last.pt"), "--max-new-tokens", "12", "--num-samples", "2", "--temperature", "0"]
+    sample.main(args + ["--prompt", "The pass key is"])
+    cached = capsys.readouterr().out
+    sample.main(args + ["--prompt", "The pass key is", "--no-cache"])
+    assert capsys.readouterr().out == cached
+    assert cached.count("The pass key is") == 2 and "--- sample 2 ---" in cached
+    assert "no checkpoint" in error_of(capsys, sample.main, ["--ckpt", str(tmp_path / "nope.pt")])
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert "not a checkpoint" in error_of(capsys, sample.main, ["--ckpt", str(garbage)])

@@ -1,0 +1,331 @@
+"""
+Train a GPT on one device. Every setting is a flag (python train.py --help); a JSON or TOML
+config file may set defaults (--config file.toml), and flags override it.
+
+    python data/prepare.py synthetic && python train.py                 # CPU, a few minutes
+    python train.py --data data/fineweb --n-layer 12 --n-head 12 --n-embd 768 \\
+        --block-size 1024 --batch-size 16 --grad-accum 32 --attention bam   # one GPU
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+import types
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from tqdm import tqdm
+
+from attention import ENGINES, VARIANTS, document_ids
+from data.loader import TokenLoader
+from data.shards import read_meta
+from model import GPT, GPTConfig, ROPE_MODES, load_checkpoint, param, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    data: str = param("data/synthetic", "prepared data folder (train_*.bin, val_*.bin, meta.json)")
+    out_dir: str = param("out", "folder for checkpoints (last.pt, best.pt) and log.jsonl")
+    resume: bool = param(False, "continue from out_dir/last.pt exactly where it stopped")
+    device: str = param("auto", "auto | cpu | cuda | cuda:N | mps")
+    dtype: str = param("auto", "auto | float32 | bfloat16 (auto: bfloat16 on CUDA where supported)")
+    compile: bool | None = param(None, "torch.compile the model (default: on for CUDA)")
+    seed: int = param(1337, "random seed")
+    batch_size: int = param(16, "sequences per micro-batch")
+    grad_accum: int = param(1, "micro-batches per optimizer step")
+    max_steps: int = param(300, "optimizer steps to train for")
+    lr: float = param(3e-3, "peak learning rate")
+    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of --lr")
+    warmup_steps: int = param(20, "linear warmup steps")
+    lr_decay_steps: int | None = param(None, "steps of the cosine decay (default: max_steps)")
+    weight_decay: float = param(0.1, "AdamW weight decay (weight matrices only)")
+    decay_embeddings: bool = param(True, "apply weight decay to the (tied) embedding too")
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.95, "AdamW beta2")
+    grad_clip: float = param(1.0, "clip the gradient norm to this (0: off)")
+    doc_mask: bool = param(False, "document masking: attention and SSMax counts stay inside a document")
+    eval_interval: int = param(50, "evaluate and checkpoint every this many steps")
+    eval_batches: int = param(8, "validation batches per evaluation")
+    log_interval: int = param(10, "write a log.jsonl line every this many steps")
+
+
+CHOICES = {"attention": list(VARIANTS), "engine": list(ENGINES), "rope": list(ROPE_MODES),
+           "dtype": ["auto", "float32", "bfloat16"]}
+RUNTIME_FIELDS = {"engine", "attn_block"}  # may differ on resume: they do not change the model
+MODEL_FLAGS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------
+# configuration: dataclass fields -> flags; config file; validation
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with _ for -)")
+    for group_name, config_fields in (("training", fields(TrainConfig)), ("model", MODEL_FLAGS)):
+        group = parser.add_argument_group(group_name)
+        for f in config_fields:
+            kind = f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type
+            flag = "--" + f.name.replace("_", "-")
+            help = f"{f.metadata['help']} (default: {f.default})"
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
+            else:
+                group.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help)
+    return parser
+
+
+def read_config_file(path):
+    if not os.path.isfile(path):
+        fail(f"config file {path} not found")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+    known = {f.name for f in fields(TrainConfig)} | {f.name for f in MODEL_FLAGS}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        fail(f"config file {path} has unknown settings {unknown}; see python train.py --help")
+    return values
+
+
+def parse_config(argv):
+    """Returns (TrainConfig, model settings given explicitly by the file or the flags)."""
+    args = vars(build_parser().parse_args(argv))
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    train_names = {f.name for f in fields(TrainConfig)}
+    try:
+        config = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
+        model_values = {k: v for k, v in values.items() if k not in train_names}
+        GPTConfig(**model_values)  # validate before anything runs
+    except (TypeError, ValueError) as e:
+        fail(str(e))
+    positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
+    if config.lr <= 0 or config.warmup_steps < 0 or not 0 <= config.min_lr_ratio <= 1:
+        fail("need --lr > 0, --warmup-steps >= 0 and 0 <= --min-lr-ratio <= 1")
+    return config, model_values
+
+
+# ----------------------------------------------------------------------------------------
+# device, schedule, evaluation
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if torch.backends.mps.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps was asked for but MPS is not available; use --device cpu")
+    return name
+
+
+def pick_dtype(name, device):
+    bf16_ok = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    if name == "auto":
+        if device.startswith("cuda") and not bf16_ok:
+            print("note: this GPU has no bfloat16; training in float32")
+        return torch.bfloat16 if bf16_ok else torch.float32
+    if name == "bfloat16" and device.startswith("cuda") and not bf16_ok:
+        fail("this GPU does not support bfloat16; use --dtype float32")
+    return getattr(torch, name)
+
+
+def learning_rate(step, config):
+    """Linear warmup, then cosine decay to min_lr_ratio * lr over lr_decay_steps."""
+    decay_steps = config.lr_decay_steps or config.max_steps
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, decay_steps - config.warmup_steps))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def peak_flops(device):
+    """bf16 dense peak of known GPUs, for MFU; None when unknown."""
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
+        if key in name:
+            return flops
+    return None
+
+
+@torch.no_grad()
+def evaluate(model, loader, batches, device, autocast, eot, doc_mask):
+    model.eval()
+    loader.reset()
+    losses = []
+    for _ in range(batches):
+        x, y = (torch.from_numpy(a).to(device) for a in loader.next_batch())
+        with autocast:
+            _, loss = model(x, y, doc=document_ids(x, eot) if doc_mask else None)
+        losses.append(loss.item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints and resume
+
+def make_checkpoint(raw_model, optimizer, config, meta, step, best_val, loader_state, device):
+    rng = {"cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": meta,
+            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng}
+
+
+def resume_checkpoint(config, model_values, meta, device):
+    path = os.path.join(config.out_dir, "last.pt")
+    try:
+        model, checkpoint = load_checkpoint(path, device)
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"cannot resume: {e}")
+    saved = checkpoint["model_config"]
+    for name, value in model_values.items():
+        if name not in RUNTIME_FIELDS and saved.get(name) != value:
+            fail(f"cannot resume: {path} was trained with {name}={saved.get(name)!r}, not {value!r}; "
+                 f"drop the flag or use another --out-dir")
+    for name in RUNTIME_FIELDS & set(model_values):
+        setattr(model.config, name, model_values[name])
+    if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer") or checkpoint["meta"].get("vocab_size") != meta.get("vocab_size"):
+        fail(f"cannot resume: {path} was trained on {checkpoint['meta'].get('tokenizer')} tokens, "
+             f"but {config.data} holds {meta.get('tokenizer')} tokens")
+    return model, checkpoint
+
+
+# ----------------------------------------------------------------------------------------
+
+def main(argv=None):
+    config, model_values = parse_config(argv)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
+    use_compile = config.compile if config.compile is not None else device.startswith("cuda")
+    try:
+        meta = read_meta(config.data)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    eot = meta["eot_token"]
+
+    torch.manual_seed(config.seed)
+    if config.resume:
+        raw_model, checkpoint = resume_checkpoint(config, model_values, meta, device)
+    else:
+        vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
+        raw_model, checkpoint = GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
+    block_size = raw_model.config.block_size
+    try:
+        train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
+        val_loader = TokenLoader(config.data, "val", config.batch_size, block_size)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    if raw_model.config.engine == "flex" and not device.startswith("cuda"):
+        fail("the flex engine has no backward off CUDA; train with --engine sdpa, chunked or auto")
+
+    optimizer = torch.optim.AdamW(raw_model.param_groups(config.weight_decay, config.decay_embeddings),
+                                  lr=config.lr, betas=(config.beta1, config.beta2),
+                                  fused=device.startswith("cuda"))
+    step, best_val = 0, float("inf")
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        torch.set_rng_state(checkpoint["rng"]["cpu"])
+        if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+        step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
+        print(f"resuming from {config.out_dir}/last.pt at step {step}")
+    model = torch.compile(raw_model) if use_compile else raw_model
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+
+    os.makedirs(config.out_dir, exist_ok=True)
+    log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+    tokens_per_step = config.batch_size * block_size * config.grad_accum
+    c = raw_model.config
+    flops_per_token = 6 * raw_model.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * block_size
+    peak = peak_flops(device)
+    print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
+          f"| {device} {str(dtype).removeprefix('torch.')} compile {use_compile} | {tokens_per_step} tokens/step")
+
+    def save(name):  # at a step boundary, with the data position of that boundary
+        checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, device)
+        save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
+
+    def write_log(record):
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+
+    step_start = train_loader.state_dict()
+    bar = tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True)
+    model.train()
+    t0, loss_value = time.time(), float("nan")
+    try:
+        while step < config.max_steps:
+            if step % config.eval_interval == 0 and step > 0:
+                val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
+                write_log({"step": step, "val_loss": val_loss})
+                bar.write(f"step {step}: val loss {val_loss:.4f}")
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save("best.pt")
+                save("last.pt")
+            lr = learning_rate(step, config)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for _ in range(config.grad_accum):
+                x, y = (torch.from_numpy(a).to(device) for a in train_loader.next_batch())
+                with autocast:
+                    _, loss = model(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
+                (loss / config.grad_accum).backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                bar.close()
+                fail(f"loss became {loss_value} at step {step}; stopping without saving. The last good "
+                     f"checkpoint is {config.out_dir}/last.pt; try a lower --lr or --grad-clip")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_start = train_loader.state_dict()
+            dt, t0 = time.time() - t0, time.time()
+            postfix = {"loss": f"{loss_value:.3f}", "tok/s": f"{tokens_per_step / dt:,.0f}"}
+            if peak:
+                postfix["mfu"] = f"{100 * flops_per_token * tokens_per_step / dt / peak:.1f}%"
+            bar.set_postfix(postfix)
+            bar.update(1)
+            if step % config.log_interval == 0:
+                write_log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt})
+    except KeyboardInterrupt:
+        bar.close()
+        save("last.pt")
+        print(f"\ninterrupted at step {step}; saved {config.out_dir}/last.pt (continue with --resume)")
+        sys.exit(130)
+    bar.close()
+    val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
+    write_log({"step": step, "val_loss": val_loss})
+    if val_loss < best_val:
+        best_val = val_loss
+        save("best.pt")
+    save("last.pt")
+    print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
