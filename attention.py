@@ -239,6 +239,7 @@ _block_masks = {}
 _flex_compiled = None
 
 
+@torch.compiler.disable  # built outside any compiled graph, then passed to flex as an input
 def _flex_block_mask(B, Tq, Tk, q_offset, doc, device):
     def causal(b, h, q, kv):
         return q + q_offset >= kv

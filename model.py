@@ -6,6 +6,7 @@ Runs past its training length: nothing here depends on a maximum sequence length
 import math
 import os
 import pickle
+import struct
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -236,7 +237,7 @@ def load_checkpoint(path, device="cpu"):
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         model = GPT(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as e:
+    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
     return model.to(device), checkpoint

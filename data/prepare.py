@@ -174,8 +174,8 @@ def parse_args(argv):
         return p
 
     p = add("synthetic", "filler text with planted passkeys and facts, asked about at the end (data/synthetic.py)")
-    p.add_argument("--docs", type=int, default=4000, help="training documents (default: 4000, about 3M byte tokens)")
-    p.add_argument("--val-docs", type=int, default=145, help="validation documents (default: 145, about 100K byte tokens)")
+    p.add_argument("--docs", type=int, default=7000, help="training documents (default: 7000, about 2.5M byte tokens)")
+    p.add_argument("--val-docs", type=int, default=250, help="validation documents (default: 250, about 90K byte tokens)")
     p.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same data (default: 1337)")
     p = add("text", "local text files, one document per file")
     p.add_argument("--input", nargs="+", required=True, help="files, or folders searched recursively for *.txt and *.md")

@@ -216,3 +216,32 @@ def test_compiled_flex_on_cuda_matches_chunked():
             a = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="flex")
             b = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="chunked")
         assert torch.allclose(a, b, atol=1e-3), name
+
+
+def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
+    """The README's 'Adding a prior' example runs in every engine and trains."""
+    import torch.nn as nn
+    from attention import prior_score
+
+    class Cauchy(nn.Module):
+        additive = True
+        score = staticmethod(prior_score)
+
+        def __init__(self, config):
+            super().__init__()
+            self.log_width = nn.Parameter(torch.zeros(config.n_head))
+
+        def tables(self, n, device):
+            t = torch.arange(n, device=device, dtype=torch.float32)
+            return {"prior": -torch.log1p((t / self.log_width.exp()[:, None]) ** 2)}
+
+    monkeypatch.setitem(VARIANTS, "cauchy", Cauchy)
+    var, q, k, v, ssmax, doc = random_case("nope", 70, True, True)
+    var = variant("cauchy", n_head=2)
+    want = reference_attention(q, k, v, var, ssmax, doc)
+    for engine in ENGINES:
+        with torch.no_grad():
+            got = attend(q, k, v, var, var.tables(70, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=32)
+        assert (got.double() - want).abs().max() < 2e-5, engine
+    attend(q, k, v, var, var.tables(70, "cpu"), engine="sdpa").sum().backward()
+    assert var.log_width.grad.abs().sum() > 0

@@ -178,7 +178,9 @@ def test_synthetic_documents():
     assert " ".join(PASSKEY_FILLER) in text  # the eval's filler, joined by single spaces
     assert re.search(r"What is \w+'s favourite number\? It is \d+\.", text)
     lengths = [len(d) for d in docs]
-    assert min(lengths) < 300 and max(lengths) > 1500
+    assert min(lengths) < 300 and max(lengths) > 700
+    copies = re.findall(r"Here are the codes: ([a-z0-9 ]+)\. Once more, the codes are: \1\.", text)
+    assert len(copies) > 50
     assert all("  " not in d for d in docs)
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,289 @@
+"""
+Benchmark the positional variants in one run, so that their ratios are fair.
+
+  train  a whole training step at GPT-2 124M shape (12 x 1024 tokens, as nanoGPT's bench.py):
+         ms/iter, tokens/s, MFU (nanoGPT's estimate: 6N + 12 L H Q T FLOPs per token)
+  attn   attention alone, forward + backward, per engine and variant (H=12, d=64)
+  long   one forward of the 124M-shaped model at 64K-512K tokens (B=1, logits at the last
+         position only): seconds and peak memory
+
+    python bench.py                                  # GPU: bf16, torch.compile, fused AdamW
+    python bench.py --tiny --device cpu              # same code paths on a CPU, in seconds
+    python bench.py --sections train --variants nope,bam --out bench.json
+
+On CUDA the train and long sections print the project's H100 targets under their numbers, for the
+reader (nothing is asserted). Each long cell runs one untimed forward first (compilation).
+"""
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from attention import VARIANTS, attend, ssmax_factor
+from model import GPT, GPTConfig
+
+# shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
+FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
+            block=1024, batch=12, attn=((1024, 16), (4096, 4)), lengths="64K,256K,512K")
+TINY = dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=320, attn_block=64),
+            block=128, batch=4, attn=((128, 4), (256, 2)), lengths="2K,4K")
+# bf16 dense tensor-core peaks in TFLOP/s; the first name found in the device's name wins
+PEAKS = (("H200", "H200", 989), ("H100 PCIe", "H100 PCIe", 756), ("H100 NVL", "H100 NVL", 835),
+         ("H100", "H100 SXM", 989), ("A100", "A100", 312))
+SECTIONS = ("train", "attn", "long")
+
+
+def get_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="tiny shapes: every code path in seconds (CPU-friendly)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu or mps")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections: train, attn, long")
+    p.add_argument("--steps", type=int,
+                   help="timed training steps and timed attention runs (default 20; 2 with --tiny)")
+    p.add_argument("--warmup", type=int,
+                   help="untimed steps/runs before timing, compilation included (default 10; 1 with --tiny)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training model (default: on for CUDA)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, else float32)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak TFLOP/s for MFU (default: known for H100/H200/A100, else MFU n/a)")
+    p.add_argument("--lengths", help="comma list of token counts for the long section, 64K-style suffix allowed "
+                   "(default 64K,256K,512K; 2K,4K with --tiny)")
+    p.add_argument("--out", help="also write every number to this JSON file")
+    return p.parse_args()
+
+
+def parse_tokens(s):
+    return int(s[:-1]) * 1024 if s.upper().endswith("K") else int(s)
+
+
+def tokens_str(n):
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def fmt(x, spec, suffix=""):
+    return "OOM" if x is None else f"{x:{spec}}{suffix}"
+
+
+def sync(device):
+    if device.type in ("cuda", "mps"):  # kernels run asynchronously there: wait before reading the clock
+        getattr(torch, device.type).synchronize()
+
+
+def autocast(device, dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def timed(fn, device, warmup, runs):
+    """Median seconds of `runs` calls of fn, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def cell(fn, device):
+    """fn() with fresh compile caches (no recompile limit across cells); None if out of memory."""
+    torch._dynamo.reset()
+    try:
+        return fn()
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------
+# the three measurements
+
+def bench_train(name, shape, device, dtype, compile, warmup, steps):
+    config = GPTConfig(block_size=shape["block"], attention=name, **shape["model"])
+    model = GPT(config).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
+    train_model = torch.compile(model) if compile else model
+    data = torch.randint(config.vocab_size, (shape["batch"], config.block_size + 1), device=device)
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def step():
+        with autocast(device, dtype):
+            _, loss = train_model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, device, warmup, steps)
+    L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
+    flops = (6 * model.num_params() + 12 * L * H * Q * T) * x.numel()  # nanoGPT's estimate_mfu
+    return dict(ms_per_iter=1e3 * seconds, tokens_per_s=x.numel() / seconds, tflops=flops / seconds / 1e12)
+
+
+def bench_attention(name, engine, B, T, shape, device, dtype, warmup, runs):
+    config = GPTConfig(attention=name, **shape["model"])  # gives the variant its heads and options
+    H, D = config.n_head, config.n_embd // config.n_head
+    variant = VARIANTS[name](config).to(device)
+    backward = engine != "flex" or device.type == "cuda"  # flex has no backward off CUDA
+    q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
+    scale = torch.ones(H, device=device, requires_grad=backward) if config.ssmax else None  # SSMax s_h
+    leaves = [q, k, v, *variant.parameters(), *([] if scale is None else [scale])]
+
+    def run():  # as in a training step: tables and SSMax factor from the parameters, then attention
+        with torch.set_grad_enabled(backward):
+            ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
+            y = attend(q, k, v, variant, variant.tables(T, device), ssmax=ssmax, engine=engine,
+                       block=config.attn_block)
+            if backward:
+                torch.autograd.grad(y.float().sum(), leaves)
+
+    return dict(ms=1e3 * timed(run, device, warmup, runs), mode="fwd+bwd" if backward else "fwd")
+
+
+def bench_long(name, n, shape, device, dtype):
+    engine = "auto" if device.type == "cuda" else "chunked"  # flex on CUDA, tiles elsewhere
+    model = GPT(GPTConfig(attention=name, engine=engine, **shape["model"])).to(device).eval()
+    idx = torch.randint(model.config.vocab_size, (1, n), device=device)
+
+    def forward():
+        with torch.no_grad(), autocast(device, dtype):
+            model(idx)  # logits at the last position only: never a T x vocab tensor
+
+    forward()  # untimed: compiles the flex kernels and builds the block mask for this length
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = timed(forward, device, 0, 1)
+    peak_gb = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else None
+    return dict(seconds=seconds, peak_gb=peak_gb)
+
+
+# ----------------------------------------------------------------------------------------
+# sections: each prints a table as its rows come in and records them in `results`
+
+def train_section(args, results):
+    peak = args.peak_tflops
+    print(f"\n== train: batch {args.shape['batch']} x block {args.shape['block']}, {args.warmup} warmup + "
+          f"{args.steps} timed steps; " + (f"MFU against {args.peak_label} {peak:g} TFLOP/s" if peak
+                                           else "MFU n/a (unknown peak: pass --peak-tflops)"))
+    print(f"{'variant':10} {'ms/iter':>9} {'tok/s':>10} {'MFU':>7} {'vs nope':>8}")
+    for v in args.variants:
+        r = results["train"][v] = cell(lambda: bench_train(v, args.shape, args.device, args.torch_dtype,
+                                                           args.compile, args.warmup, args.steps), args.device)
+        if r is None:
+            print(f"{v:10} {'OOM':>9}")
+            continue
+        base = results["train"].get("nope")
+        r["mfu"] = r["tflops"] / peak if peak else None
+        r["vs_nope"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        ratio = f"{r['vs_nope']:.2f}" if r["vs_nope"] is not None else "n/a"
+        print(f"{v:10} {r['ms_per_iter']:9.2f} {r['tokens_per_s'] / 1e3:9.1f}K {mfu:>7} {ratio:>8}")
+    if args.device.type == "cuda":
+        print("targets (H100): nope >= 480K tok/s (1.1x nanoGPT bench.py's 439K); others >= 0.85x nope")
+
+
+def attn_section(args, results):
+    H = args.shape["model"]["n_head"]
+    print(f"\n== attn: attention only, {args.dtype}, H={H}, d={args.shape['model']['n_embd'] // H}, "
+          f"median of {args.steps} runs after {args.warmup} warmup"
+          + ("" if args.device.type == "cuda" else "; flex runs forward only off CUDA"))
+    print(f"{'variant':10} {'engine':8} {'B':>3} {'T':>6} {'mode':>8} {'ms':>10}")
+    for T, B in args.shape["attn"]:
+        for engine in ("sdpa", "flex", "chunked"):
+            for v in args.variants:
+                r = cell(lambda: bench_attention(v, engine, B, T, args.shape, args.device, args.torch_dtype,
+                                                 args.warmup, args.steps), args.device)
+                results["attention"].append(dict(variant=v, engine=engine, B=B, T=T, **(r or dict(ms=None))))
+                mode = "" if r is None else r["mode"]
+                print(f"{v:10} {engine:8} {B:3d} {T:6d} {mode:>8} {fmt(r and r['ms'], '10.2f'):>10}")
+
+
+def long_section(args, results):
+    print(f"\n== long: one forward, B=1, logits at the last position, {args.dtype}, "
+          f"engine {'auto (flex)' if args.device.type == 'cuda' else 'chunked'}")
+    print(f"{'variant':10} {'tokens':>7} {'seconds':>9} {'peak GB':>8}")
+    for n in args.lengths:
+        for v in args.variants:
+            r = cell(lambda: bench_long(v, n, args.shape, args.device, args.torch_dtype), args.device)
+            results["long"].append(dict(variant=v, tokens=n, **(r or dict(seconds=None, peak_gb=None))))
+            peak_gb = "OOM" if r is None else "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+            print(f"{v:10} {tokens_str(n):>7} {fmt(r and r['seconds'], '9.2f'):>9} {peak_gb:>8}")
+    if args.device.type == "cuda":
+        print("targets (H100): 256K <= 15 s and <= 20 GB; 512K <= 60 s")
+
+
+def summary(args, results):
+    """One line per variant: training throughput, fastest engine at the longest attention T,
+    seconds of each long forward."""
+    print("\n== summary")
+    for v in args.variants:
+        parts = []
+        r = results["train"].get(v)
+        if r:
+            ratio = f" ({r['vs_nope']:.2f}x nope)" if r["vs_nope"] is not None else ""
+            parts.append(f"train {r['tokens_per_s'] / 1e3:.1f}K tok/s{ratio}")
+        timed_attn = [a for a in results["attention"] if a["variant"] == v and a["ms"] and a["mode"] == "fwd+bwd"]
+        if timed_attn:
+            T = max(a["T"] for a in timed_attn)
+            best = min((a for a in timed_attn if a["T"] == T), key=lambda a: a["ms"])
+            parts.append(f"attn T={T} {best['engine']} {best['ms']:.2f} ms")
+        parts += [f"{tokens_str(r['tokens'])} {fmt(r['seconds'], '.2f', ' s')}"
+                  for r in results["long"] if r["variant"] == v]
+        print(f"{v:10} " + ", ".join(parts))
+
+
+def main():
+    args = get_args()
+    # resolve the defaults that depend on the device and on --tiny
+    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
+    args.device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    args.shape = TINY if args.tiny else FULL
+    args.dtype = args.dtype or (("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32")
+    args.torch_dtype = getattr(torch, args.dtype)
+    args.compile = cuda if args.compile is None else args.compile
+    args.warmup = (1 if args.tiny else 10) if args.warmup is None else args.warmup
+    args.steps = args.steps or (2 if args.tiny else 20)
+    requested, sections = args.variants.split(","), args.sections.split(",")
+    unknown = (set(requested) - set(VARIANTS)) | (set(sections) - set(SECTIONS))
+    if unknown:
+        raise SystemExit(f"unknown {sorted(unknown)}: variants are {', '.join(VARIANTS)}, "
+                         f"sections {', '.join(SECTIONS)}")
+    args.variants = [v for v in VARIANTS if v in requested]  # nope first: the base of the ratios
+    args.lengths = [parse_tokens(s) for s in (args.lengths or args.shape["lengths"]).split(",")]
+    name = torch.cuda.get_device_name(args.device) if cuda else args.device.type
+    args.peak_label, peak = next(((f"{label} bf16 dense peak", tflops) for key, label, tflops in PEAKS
+                                  if cuda and key in name), (None, None))
+    if args.peak_tflops:
+        args.peak_label = "the given peak"
+    args.peak_tflops = args.peak_tflops or peak
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+
+    print(f"device {name}, torch {torch.__version__}, {args.dtype}, compile {args.compile}, "
+          f"{'tiny' if args.tiny else 'GPT-2 124M'} shape {args.shape['model']}")
+    results = dict(device=name, torch=torch.__version__, dtype=args.dtype, compile=args.compile, tiny=args.tiny,
+                   peak_tflops=args.peak_tflops, train={}, attention=[], long=[])
+    for section, run in (("train", train_section), ("attn", attn_section), ("long", long_section)):
+        if section in sections:
+            run(args, results)
+    summary(args, results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

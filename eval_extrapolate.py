@@ -1,0 +1,492 @@
+"""
+Retrieval and loss far beyond the training length.
+
+    python eval_extrapolate.py --ckpt out/ckpt.pt --task passkey --lengths 1x,4x,16x,64x --depths 0,0.5,1
+    python eval_extrapolate.py --ckpt out/ckpt.pt --task niah --lengths 1x,16x --haystack book.txt
+    python eval_extrapolate.py --ckpt out/ckpt.pt --task loss --lengths 1x,4x,16x --data data/synthetic
+
+passkey  the Mohtashami & Jaggi prompt as BAM evaluates it (docs/papers.md), one needle
+niah     several "special magic <city> number" needles, each asked about at the end (scale-invariant paper)
+loss     validation loss at each length, overall and per position bucket
+
+Lengths are multiples of the training length ("4x") or token counts ("8192"). Retrieval is
+scored teacher-forced, with logits only at the answer positions: no T x vocab tensor is built.
+"""
+import argparse
+import glob
+import json
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data.shards import load_tokens, read_header, read_meta, tokenizer_from_meta
+from data.synthetic import CITIES, PASSKEY_FILLER, PASSKEY_PREFIX
+from model import load_checkpoint
+
+# the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
+PREFIX = PASSKEY_PREFIX
+FILLER = " ".join(PASSKEY_FILLER)  # "The grass is green. ... There and back again." = one filler unit
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key? The pass key is"
+# needle in a haystack as the scale-invariant paper runs it: 3 needles, 7-digit numbers
+NIAH_NEEDLE = "The special magic {city} number is {number}."
+NIAH_QUESTION = "What is the special magic {city} number? The special magic {city} number is"
+
+# -----------------------------------------------------------------------------
+# prompts: built at the token level so the length in tokens is exact. Pieces are joined by
+# single spaces (a piece after the first is encoded with its leading space, as BPE sees it)
+# and the prompt opens with the end-of-text token, as every training document does.
+
+
+def encode(enc, text):
+    """Token ids of text; refuse a tokenizer that cannot give the text back."""
+    tokens = enc.encode_ordinary(text)
+    if enc.decode(tokens) != text:
+        raise ValueError(f"the {enc.name!r} tokenizer cannot encode {text[:40]!r} (decoding does not give it back)")
+    return tokens
+
+
+def assemble(head, units, needles, tail):
+    """head + haystack units with each needle inserted at its unit boundary + tail.
+    needles: (boundary in 0..len(units), tokens). Returns the tokens and each needle's start."""
+    tokens, starts, done = list(head), [0] * len(needles), 0
+    for k in sorted(range(len(needles)), key=lambda k: needles[k][0]):
+        boundary, needle = needles[k]
+        for unit in units[done:boundary]:
+            tokens += unit
+        starts[k], done = len(tokens), boundary
+        tokens += needle
+    for unit in units[done:]:
+        tokens += unit
+    return tokens + tail, starts
+
+
+def make_sample(enc, length, prefix, needles, depths, qa, haystack, rng):
+    """One teacher-forced prompt of at most `length` input tokens (the last answer token is
+    only a target). prefix: opening text or None; needles: texts; depths: where each goes in
+    [0, 1]; qa: (question, answer) texts, asked one after another. haystack: None for the
+    repeated passkey filler, or the token ids of a text file, from which a random window is
+    cut at the token level."""
+    head = [enc.eot_token] + (encode(enc, prefix) if prefix else [])
+    needle_tokens = [encode(enc, " " + n) for n in needles]
+    tail, answers = [], []
+    for i, (question, answer) in enumerate(qa):  # "... is 1234567. What is ..." as in training documents
+        tail += encode(enc, (". " if i else " ") + question)
+        answer_tokens = encode(enc, " " + answer)
+        answers.append((len(tail), len(tail) + len(answer_tokens)))
+        tail += answer_tokens
+    fixed = len(head) + sum(map(len, needle_tokens)) + len(tail) - 1
+    unit = encode(enc, " " + FILLER) if haystack is None else [0]
+    n_units = (length - fixed) // len(unit)
+    if n_units < 1:
+        raise ValueError(f"length {length} is too short for the prompt: the minimum is {fixed + len(unit)} tokens")
+    if haystack is None:
+        units = [unit] * n_units
+    elif len(haystack) < n_units:
+        raise ValueError(f"the haystack file has {len(haystack)} tokens, length {length} needs {n_units}")
+    else:
+        start = rng.randrange(len(haystack) - n_units + 1)
+        units = [[t] for t in haystack[start:start + n_units].tolist()]
+    # needle at the unit boundary nearest depth * n_units: 0 = right after the prefix (or EOT)
+    # (farthest from the question), 1 = right before the question
+    tokens, starts = assemble(head, units, [(round(d * n_units), n) for d, n in zip(depths, needle_tokens)], tail)
+    offset = len(tokens) - len(tail)
+    return {"tokens": np.array(tokens, dtype=np.int64), "needle_at": starts,
+            "answers": [(offset + a, offset + b) for a, b in answers]}
+
+
+def passkey_sample(enc, length, depth, digits, rng):
+    key = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
+    sample = make_sample(enc, length, PREFIX, [NEEDLE.format(key=key)], [depth], [(QUESTION, key)], None, rng)
+    return dict(sample, depth=depth, keys=[key])
+
+
+def niah_sample(enc, length, depth, n_needles, haystack, rng):
+    """Needle k goes at depth (depth + k / n) wrapped into [0, 1], so the first needle is at the
+    requested depth and the others evenly spread; each is asked about in the same order. No
+    instruction prefix: papers.md gives one for passkey only, and the needles need the room."""
+    cities = rng.sample(CITIES, n_needles)
+    numbers = [str(rng.randint(10 ** 6, 10 ** 7 - 1)) for _ in cities]
+    depths = [d - 1 if d > 1 else d for d in (depth + k / n_needles for k in range(n_needles))]
+    needles = [NIAH_NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers)]
+    qa = [(NIAH_QUESTION.format(city=c), n) for c, n in zip(cities, numbers)]
+    sample = make_sample(enc, length, None, needles, depths, qa, haystack, rng)
+    return dict(sample, depth=depth, needle_depths=depths, cities=cities, keys=numbers)
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def answer_logits(model, sample, device="cpu"):
+    """Teacher-forced logits (n_answer_tokens, vocab) at the positions that predict the answers:
+    the input is the prompt plus the answers minus the last token."""
+    tokens = torch.from_numpy(sample["tokens"])
+    positions = torch.cat([torch.arange(a - 1, b - 1) for a, b in sample["answers"]])
+    logits, _ = model(tokens[None, :-1].to(device), logits_at=positions.to(device))
+    return logits[0].float().cpu()
+
+
+def judge(logits, sample, enc):
+    """Per answer: correct iff the argmax equals the answer token at every answer position
+    (papers.md: the same as greedy decoding producing the key)."""
+    predicted, results, i = logits.argmax(dim=-1).tolist(), [], 0
+    for a, b in sample["answers"]:
+        guess, truth = predicted[i:i + b - a], sample["tokens"][a:b].tolist()
+        text = b"".join(enc.decode_single_token_bytes(t) if t < enc.n_vocab else f"<{t}>".encode() for t in guess)
+        results.append({"predicted": text.decode("utf-8", errors="replace"), "correct": guess == truth})
+        i += b - a
+    return results
+
+
+def position_losses(model, tokens, chunk=4096):
+    """Cross-entropy of each next-token prediction in a window of L+1 tokens, (L,). Logits are
+    made from the hidden states `chunk` positions at a time, never L x vocab at once."""
+    x, y = tokens[None, :-1], tokens[1:]
+    h = model.hidden_states(x)[0]
+    return torch.cat([F.cross_entropy(model.lm_head(h[s:s + chunk]).float(), y[s:s + chunk], reduction="none")
+                      for s in range(0, len(y), chunk)])
+
+
+def buckets(length, block_size):
+    """Position buckets [0,1x), [1x,2x), [2x,4x), ... in multiples of the training length, the
+    last one cut at `length`: (name, start, end)."""
+    edges = [0, 1]
+    while edges[-1] * block_size < length:
+        edges.append(2 * edges[-1])
+    return [(f"[{a}x,{b}x)".replace("[0x", "[0"), a * block_size, min(b * block_size, length))
+            for a, b in zip(edges[:-1], edges[1:]) if a * block_size < length]
+
+
+def val_split(folder, tokenizer, longest):
+    """The val shards of a prepared dataset and their sizes, checked: made with the checkpoint's
+    tokenizer and holding a window of longest + 1 tokens."""
+    if folder is None:
+        raise ValueError("the checkpoint does not record its training data: give --data FOLDER")
+    meta = read_meta(folder)
+    if meta.get("tokenizer") != tokenizer:
+        raise ValueError(f"{folder} was tokenized with {meta.get('tokenizer')!r}, the checkpoint with {tokenizer!r}")
+    files = sorted(glob.glob(os.path.join(folder, "val_*.bin")))
+    if not files:
+        raise ValueError(f"no val_*.bin shards in {folder}")
+    sizes = [read_header(f) for f in files]
+    if sum(sizes) < longest + 1:
+        raise ValueError(f"the val split of {folder} has {sum(sizes)} tokens; length {longest} needs {longest + 1}")
+    return files, sizes
+
+
+def read_window(files, sizes, start, n):
+    """n tokens from `start` in the concatenation of the shards, as int64 (maps only what it reads)."""
+    parts = []
+    for f, size in zip(files, sizes):
+        if start < size and n > 0:
+            part = np.array(load_tokens(f)[start:start + n], dtype=np.int64)
+            parts.append(part)
+            n -= len(part)
+        start = max(0, start - size)
+    return torch.from_numpy(np.concatenate(parts))
+
+# -----------------------------------------------------------------------------
+# memory: refuse a length that cannot fit before spending time on anything
+
+
+def resolve_engine(engine, config, length, device):
+    """The engine attention.choose_engine will pick for one sequence of `length` tokens."""
+    if engine != "auto":
+        return engine
+    plain = config.attention == "nope" and not config.ssmax
+    if device.type == "cuda":
+        return "sdpa" if plain else "flex"
+    return "sdpa" if config.n_head * length * length <= 2 ** 26 else "chunked"
+
+
+def estimate_memory(model, length, engine, device, vocab_chunk=0):
+    """Bytes a forward over one sequence needs: weights + O(T) activations + the engine's
+    attention term (sdpa: H x T x T bias, mask and weights; chunked: ~16 score tiles alive, as
+    measured; flex: O(T) on CUDA, T x T in eager mode elsewhere) + chunked logits for the loss."""
+    c = model.config
+    weights = 4 * sum(p.numel() for p in model.parameters())
+    # residual stream, norms, qkv and its float32 copies, MLP (4C, twice) and the variant's tables
+    activations = 4 * length * (24 * c.n_embd + 4 * c.n_head)
+    engine = resolve_engine(engine, c, length, device)
+    plain = c.attention == "nope" and not c.ssmax
+    if engine == "chunked":
+        attention = 16 * 4 * c.n_head * min(c.attn_block, length) ** 2
+    elif (engine == "sdpa" and plain) or (engine == "flex" and device.type == "cuda"):
+        attention = 0
+    else:
+        attention = 3 * 4 * c.n_head * length ** 2
+    logits = 3 * 4 * min(vocab_chunk, length) * c.vocab_size
+    return weights + activations + attention + logits, engine
+
+
+def available_memory(device):
+    """Free bytes on the device: CUDA's free memory, else MemAvailable (None if unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+
+
+def check_memory(model, lengths, args, device):
+    available = args.max_memory_gb * 2 ** 30 if args.max_memory_gb else available_memory(device)
+    for label, length in lengths:
+        vocab_chunk = args.loss_chunk if args.task == "loss" else 0
+        need, engine = estimate_memory(model, length, args.engine, device, vocab_chunk)
+        if available is not None and need > available:
+            raise ValueError(f"length {label} ({length} tokens) needs about {need / 2**30:.1f} GB with the {engine} "
+                             f"engine, {available / 2**30:.1f} GB available; use --engine chunked, a smaller "
+                             f"--attn-block, or --max-memory-gb")
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def parse_lengths(text, block_size):
+    """'1x,4x,8192' -> [('1x', 384), ('4x', 1536), ('8192', 8192)] for a training length of 384."""
+    lengths = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            value = float(item[:-1]) * block_size if item.endswith("x") else int(item)
+        except ValueError:
+            value = None
+        if value is None or not value > 0 or abs(value - round(value)) > 1e-6:
+            raise ValueError(f"bad length {item!r}: give a positive token count (8192) or a multiple of the "
+                             f"training length {block_size} that is a whole number of tokens (4x)")
+        lengths.append((item, round(value)))
+    return lengths
+
+
+def parse_depths(text):
+    try:
+        depths = [float(d) for d in text.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --depths {text!r}: give comma-separated fractions in [0, 1]") from None
+    bad = [d for d in depths if not 0 <= d <= 1]
+    if bad:
+        raise ValueError(f"depth {bad[0]} is outside [0, 1] (0 = farthest from the question, 1 = just before it)")
+    return depths
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--task", choices=("passkey", "niah", "loss"), default="passkey",
+                   help="passkey retrieval, needle in a haystack, or validation loss (default: passkey)")
+    p.add_argument("--lengths", default="1x,4x,16x,64x",
+                   help="comma-separated total lengths: multiples of the training length (4x) or token "
+                        "counts (8192) (default: 1x,4x,16x,64x)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
+                   help="needle depths in [0, 1]: 0 = right after the prefix (farthest from the question), "
+                        "1 = just before the question (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, default=5,
+                   help="samples per (length, depth) cell; for loss, windows per length (default: 5)")
+    p.add_argument("--seed", type=int, default=1337, help="random seed of keys, cities and windows (default: 1337)")
+    p.add_argument("--digits", type=int, default=5, help="passkey digits (default: 5)")
+    p.add_argument("--needles", type=int, default=3, help="niah: needles per prompt (default: 3)")
+    p.add_argument("--haystack", help="niah: a text file to cut the haystack from (default: the passkey filler)")
+    p.add_argument("--data", help="loss: a prepared dataset folder with val_*.bin and meta.json "
+                                  "(default: the checkpoint's training data)")
+    p.add_argument("--loss-chunk", type=int, default=4096, help="loss: positions per lm_head call (default: 4096)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, "
+                        "float32 elsewhere)")
+    p.add_argument("--engine", choices=("auto", "sdpa", "flex", "chunked"), default="auto",
+                   help="attention engine; auto = flex on CUDA, on CPU sdpa while the T x T bias is small "
+                        "and chunked beyond (default: auto)")
+    p.add_argument("--attn-block", type=int, default=512,
+                   help="tile size of the chunked engine; memory ~ 16 x heads x block^2 x 4 bytes (default: 512)")
+    p.add_argument("--max-memory-gb", type=float,
+                   help="memory budget for the pre-run check (default: the device's free memory)")
+    p.add_argument("--out", help="results JSON (default: eval_<task>.json next to the checkpoint; "
+                                 "a heatmap .png goes next to it when matplotlib is installed)")
+    args = p.parse_args(argv)
+    for name in ("samples", "digits", "needles", "attn_block", "loss_chunk"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.needles > len(CITIES):
+        p.error(f"--needles must be at most {len(CITIES)} (the number of cities)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"unknown --device {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    return args
+
+# -----------------------------------------------------------------------------
+# reports
+
+
+def accuracy_grid(results, lengths, depths):
+    """{depth or 'all': {length label: accuracy}}; niah counts every needle of a prompt."""
+    def accuracy(n, depth):
+        hits = [r["correct"] for r in results if r["length"] == n and depth in ("all", r["depth"])]
+        return sum(hits) / len(hits)
+    return {str(d): {label: accuracy(n, d) for label, n in lengths} for d in depths + ["all"]}
+
+
+def print_grid(grid, lengths, name):
+    rows = "depth of the first needle" if name == "niah" else "needle depth"
+    print(f"\n{name} accuracy, rows: {rows}, columns: length")
+    print("depth".ljust(8) + "".join(f"{f'{label} ({n})':>16}" for label, n in lengths))
+    for depth, row in grid.items():
+        print(depth.ljust(8) + "".join(f"{row[label]:>16.2f}" for label, _ in lengths))
+
+
+def print_losses(summary):
+    """Loss table: one row per length, the mean and one column per position bucket."""
+    names = list(max((s["buckets"] for s in summary), key=len))
+    print("\nvalidation loss, columns: all positions, then position buckets")
+    print("length".ljust(18) + f"{'all':>8}" + "".join(f"{b:>16}" for b in names))
+    for s in summary:
+        cells = "".join(f"{s['buckets'][b]:>16.3f}" if b in s["buckets"] else " " * 16 for b in names)
+        print(f"{s['label']} ({s['length']})".ljust(18) + f"{s['loss']:>8.3f}" + cells)
+
+
+def save_heatmap(grid, lengths, depths, path, title):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("heatmap skipped: matplotlib is not installed")
+        return
+    grid = [[grid[str(d)][label] for label, _ in lengths] for d in depths]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [f"{label}\n{n}" for label, n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
+    ax.set_xlabel("length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title)
+    fig.colorbar(im, label="accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+
+
+def build_cells(model, enc, lengths, depths, args):
+    """Every prompt of the run, by length: built before any compute, so a length too short or a
+    tokenizer that does not fit the model fails at once."""
+    haystack = None
+    if args.haystack:
+        with open(args.haystack, encoding="utf-8", errors="replace") as f:
+            haystack = np.array(enc.encode_ordinary(f.read()), dtype=np.int64)
+    cells = {}
+    for label, n in lengths:
+        for depth in depths:
+            for i in range(args.samples):
+                rng = random.Random(f"{args.seed}/{n}/{depth}/{i}")
+                cells.setdefault((label, n), []).append(
+                    passkey_sample(enc, n, depth, args.digits, rng) if args.task == "passkey"
+                    else niah_sample(enc, n, depth, args.needles, haystack, rng))
+    if max(int(s["tokens"].max()) for samples in cells.values() for s in samples) >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer gives ids >= the model's vocab_size {model.config.vocab_size}")
+    return cells
+
+
+def score_cells(model, enc, cells, device, ctx):
+    results = []
+    for (label, n), samples in cells.items():
+        for sample in tqdm(samples, desc=f"{label} ({n} tokens)", unit="sample"):
+            start = time.time()
+            with ctx:
+                logits = answer_logits(model, sample, device)
+            for k, verdict in enumerate(judge(logits, sample, enc)):
+                depth = sample["needle_depths"][k] if "needle_depths" in sample else sample["depth"]
+                results.append({"length": n, "label": label, "actual_length": len(sample["tokens"]) - 1,
+                                "depth": sample["depth"], "needle": k, "needle_depth": depth,
+                                "needle_at": sample["needle_at"][k], "key": sample["keys"][k],
+                                **verdict, "seconds": time.time() - start})
+    return results
+
+
+def score_losses(model, lengths, files, sizes, args, device, ctx):
+    """Per length: `samples` windows of L+1 tokens evenly spaced through the val split. Returns
+    every window's mean loss and, per length, the mean loss overall and per position bucket."""
+    results, summary = [], []
+    for label, n in lengths:
+        starts = np.linspace(0, sum(sizes) - n - 1, args.samples).round().astype(int).tolist()
+        total = torch.zeros(n)
+        for start in tqdm(starts, desc=f"{label} ({n} tokens)", unit="sample"):
+            t0 = time.time()
+            with ctx:
+                window = read_window(files, sizes, start, n + 1).to(device)
+                losses = position_losses(model, window, args.loss_chunk).cpu()
+            total += losses
+            results.append({"length": n, "label": label, "start": start, "loss": losses.mean().item(),
+                            "seconds": time.time() - t0})
+        mean = total / len(starts)
+        summary.append({"length": n, "label": label, "loss": mean.mean().item(),
+                        "buckets": {name: mean[a:b].mean().item()
+                                    for name, a, b in buckets(n, model.config.block_size)}})
+    return results, summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    try:
+        model, checkpoint = load_checkpoint(args.ckpt, device)
+        block_size = checkpoint["model_config"]["block_size"]
+        lengths = parse_lengths(args.lengths, block_size)
+        depths = parse_depths(args.depths)
+        enc = tokenizer_from_meta(checkpoint["meta"])
+        model.eval()
+        model.config.engine, model.config.attn_block = args.engine, args.attn_block
+        if args.task == "loss":
+            folder = args.data or checkpoint.get("train_config", {}).get("data")
+            files, sizes = val_split(folder, checkpoint["meta"]["tokenizer"], max(n for _, n in lengths))
+        else:
+            cells = build_cells(model, enc, lengths, depths, args)
+        check_memory(model, lengths, args, device)
+    except (OSError, ValueError) as e:  # expected failures: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dtype = args.dtype
+    if dtype == "auto":  # bf16 is not available on every GPU (V100, T4: nanoGPT #84)
+        dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    print(f"{args.ckpt}: {model.config.attention}, trained at {block_size} tokens, step {checkpoint.get('step')}; "
+          f"{device}, {dtype}, engine {args.engine}, attn block {args.attn_block}", flush=True)
+    with torch.no_grad():
+        if args.task == "loss":
+            results, summary = score_losses(model, lengths, files, sizes, args, device, ctx)
+        else:
+            results = score_cells(model, enc, cells, device, ctx)
+            summary = accuracy_grid(results, lengths, depths)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
+    settings = dict(vars(args), dtype=dtype, block_size=block_size, attention=model.config.attention,
+                    step=checkpoint.get("step"), lengths=lengths)
+    with open(out, "w") as f:
+        json.dump({"settings": settings, "summary": summary, "results": results}, f, indent=1)
+    if args.task == "loss":
+        print_losses(summary)
+    else:
+        print_grid(summary, lengths, args.task)
+        save_heatmap(summary, lengths, depths, os.path.splitext(out)[0] + ".png",
+                     f"{args.task}: {model.config.attention}, trained at {block_size} tokens")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

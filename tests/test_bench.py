@@ -1,0 +1,42 @@
+"""bench.py --tiny end to end on CPU: every section, every variant, and the JSON it writes."""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VARIANTS = ("nope", "alibi", "bam", "scaleinv")
+
+
+def section_rows(stdout, section):
+    """The variant names that start a row in one section of the output."""
+    block = re.search(rf"^== {section}\b.*?(?=^== |\Z)", stdout, re.M | re.S).group(0)
+    return [line.split()[0] for line in block.splitlines()[1:] if line.split() and line.split()[0] in VARIANTS]
+
+
+def test_bench_tiny_runs_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    # one thread: on a busy 2-core machine, two spinning OpenMP threads can be many times slower
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench.py", "--tiny", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    train, attn, long = (section_rows(proc.stdout, s) for s in ("train", "attn", "long"))
+    assert train == list(VARIANTS)
+    # 2 attention lengths x 3 engines (sdpa, flex forward only on CPU, chunked), 2 long lengths
+    assert sorted(attn) == sorted(VARIANTS * 6) and sorted(long) == sorted(VARIANTS * 2)
+    assert "OOM" not in proc.stdout
+    assert section_rows(proc.stdout, "summary") == list(VARIANTS)
+
+    results = json.loads(out.read_text())
+    for name in VARIANTS:
+        tokens_per_s = results["train"][name]["tokens_per_s"]
+        assert math.isfinite(tokens_per_s) and tokens_per_s > 0
+    assert results["train"]["nope"]["vs_nope"] == 1.0
+    assert {(r["engine"], r["T"]) for r in results["attention"]} == {
+        (e, T) for e in ("sdpa", "flex", "chunked") for T in (128, 256)}
+    assert all(r["ms"] > 0 for r in results["attention"])
+    assert all(r["seconds"] > 0 and r["peak_gb"] is None for r in results["long"])
