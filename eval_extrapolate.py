@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from data.shards import load_tokens, read_header, read_meta, tokenizer_from_meta
 from data.synthetic import CITIES, PASSKEY_FILLER, PASSKEY_PREFIX
+from attention import document_ids
 from model import load_checkpoint
 
 # the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
@@ -145,11 +146,12 @@ def judge(logits, sample, enc):
     return results
 
 
-def position_losses(model, tokens, chunk=4096):
+def position_losses(model, tokens, chunk=4096, eot=None):
     """Cross-entropy of each next-token prediction in a window of L+1 tokens, (L,). Logits are
-    made from the hidden states `chunk` positions at a time, never L x vocab at once."""
+    made from the hidden states `chunk` positions at a time, never L x vocab at once. With `eot`
+    (a model trained with --doc-mask), attention stays inside each document, as in training."""
     x, y = tokens[None, :-1], tokens[1:]
-    h = model.hidden_states(x)[0]
+    h = model.hidden_states(x, doc=None if eot is None else document_ids(x, eot))[0]
     return torch.cat([F.cross_entropy(model.lm_head(h[s:s + chunk]).float(), y[s:s + chunk], reduction="none")
                       for s in range(0, len(y), chunk)])
 
@@ -430,7 +432,7 @@ def score_losses(model, lengths, files, sizes, args, device, ctx):
             t0 = time.time()
             with ctx:
                 window = read_window(files, sizes, start, n + 1).to(device)
-                losses = position_losses(model, window, args.loss_chunk).cpu()
+                losses = position_losses(model, window, args.loss_chunk, args.doc_eot).cpu()
             total += losses
             results.append({"length": n, "label": label, "start": start, "loss": losses.mean().item(),
                             "seconds": time.time() - t0})
@@ -455,6 +457,8 @@ def main(argv=None):
         if args.task == "loss":
             folder = args.data or checkpoint.get("train_config", {}).get("data")
             files, sizes = val_split(folder, checkpoint["meta"]["tokenizer"], max(n for _, n in lengths))
+            doc_mask = checkpoint.get("train_config", {}).get("doc_mask", False)
+            args.doc_eot = checkpoint["meta"]["eot_token"] if doc_mask else None
         else:
             cells = build_cells(model, enc, lengths, depths, args)
         check_memory(model, lengths, args, device)

@@ -183,6 +183,20 @@ def test_position_losses_match_the_model_loss():
     assert abs(losses.mean().item() - loss.item()) < 1e-5
 
 
+def test_position_losses_stay_inside_documents_when_asked():
+    """A model trained with --doc-mask is scored with document masking: the losses after an
+    end-of-text token equal those of a window that starts at that token."""
+    model = tiny_model()
+    window = torch.randint(0, 256, (201,), generator=torch.Generator().manual_seed(2))
+    window[120] = 256
+    with torch.no_grad():
+        masked = E.position_losses(model, window, chunk=64, eot=256)
+        alone = E.position_losses(model, window[120:], chunk=64, eot=256)
+        unmasked = E.position_losses(model, window, chunk=64)
+    assert torch.allclose(masked[120:], alone, atol=1e-5)
+    assert not torch.allclose(unmasked[120:], alone, atol=1e-3)
+
+
 def test_32k_forward_memory_is_bounded():
     """32K tokens through the chunked engine: the T x T float scores alone would take
     32768^2 x 4 bytes = 4.3 GB per head; the run must stay under 1.5 GB of peak RSS growth,
