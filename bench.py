@@ -23,16 +23,13 @@ import time
 import torch
 
 from attention import VARIANTS, attend, ssmax_factor
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, gpu_peak
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
             block=1024, batch=12, attn=((1024, 16), (4096, 4)), lengths="64K,256K,512K")
 TINY = dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=320, attn_block=64),
             block=128, batch=4, attn=((128, 4), (256, 2)), lengths="2K,4K")
-# bf16 dense tensor-core peaks in TFLOP/s; the first name found in the device's name wins
-PEAKS = (("H200", "H200", 989), ("H100 PCIe", "H100 PCIe", 756), ("H100 NVL", "H100 NVL", 835),
-         ("H100", "H100 SXM", 989), ("A100", "A100", 312))
 SECTIONS = ("train", "attn", "long")
 
 
@@ -262,8 +259,8 @@ def main():
     args.variants = [v for v in VARIANTS if v in requested]  # nope first: the base of the ratios
     args.lengths = [parse_tokens(s) for s in (args.lengths or args.shape["lengths"]).split(",")]
     name = torch.cuda.get_device_name(args.device) if cuda else args.device.type
-    args.peak_label, peak = next(((f"{label} bf16 dense peak", tflops) for key, label, tflops in PEAKS
-                                  if cuda and key in name), (None, None))
+    label, peak = gpu_peak(name) if cuda else (None, None)
+    args.peak_label = label and f"{label} bf16 dense peak"
     if args.peak_tflops:
         args.peak_label = "the given peak"
     args.peak_tflops = args.peak_tflops or peak

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from attention import ENGINES, VARIANTS, document_ids
 from data.loader import TokenLoader
 from data.shards import read_meta
-from model import GPT, GPTConfig, ROPE_MODES, load_checkpoint, param, save_checkpoint
+from model import GPT, GPTConfig, ROPE_MODES, gpu_peak, load_checkpoint, param, save_checkpoint
 
 
 @dataclass
@@ -155,14 +155,9 @@ def learning_rate(step, config):
 
 
 def peak_flops(device):
-    """bf16 dense peak of known GPUs, for MFU; None when unknown."""
-    if not device.startswith("cuda"):
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, flops in (("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L4", 121e12), ("4090", 165e12)):
-        if key in name:
-            return flops
-    return None
+    """bf16 dense peak of a known GPU in FLOP/s, for MFU; None when unknown."""
+    tflops = gpu_peak(torch.cuda.get_device_name(device))[1] if device.startswith("cuda") else None
+    return tflops and tflops * 1e12
 
 
 @torch.no_grad()
