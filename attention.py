@@ -258,17 +258,19 @@ def _flex_block_mask(B, Tq, Tk, q_offset, doc, device):
 
 
 def flex_engine(q, k, v, score_mod, doc, q_offset):
-    global _flex_compiled
     B, H, Tq, D = q.shape
     block_mask = _flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
     if q.device.type != "cuda":  # eager flex: forward only, a reference off CUDA (it warns so)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
     # default Triton configs ran out of shared memory with table-indexing score_mods (design.md)
     options = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8}
+    if torch.compiler.is_compiling():  # inside a compiled model, flex is compiled with the rest
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
+    global _flex_compiled
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
     return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
 
 

@@ -1,4 +1,6 @@
 """The GPT: causality, document isolation, training signal, KV cache, parameter groups."""
+import shutil
+
 import pytest
 import torch
 
@@ -125,3 +127,16 @@ def test_runs_far_past_block_size():
     model = tiny("scaleinv", block_size=16)
     logits, _ = model(torch.randint(1, 64, (1, 300)), logits_at=torch.tensor([0, 299]))
     assert logits.shape == (1, 2, 64) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="needs a C++ compiler")
+def test_compiled_model_with_flex_matches_sdpa():
+    """torch.compile of the whole model traces through the flex engine (block masks are built
+    outside the graph) and gives the same logits as eager sdpa."""
+    model = tiny("bam", engine="flex")
+    idx = torch.randint(1, 64, (2, 200))
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        got = compiled(idx, logits_at=torch.arange(200))[0]
+    model.config.engine = "sdpa"
+    assert torch.allclose(got, all_logits(model, idx), atol=1e-5)
