@@ -27,7 +27,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 
 def distance(q, kv):
@@ -153,7 +153,9 @@ def make_score_mod(variant, tables, ssmax, q_offset):
     """The full score function of one attention call, in FlexAttention's signature.
     q arrives as the local query index; the variant sees absolute positions."""
     def score_mod(s, b, h, q, kv):
-        s = variant.score(s, b, h, q + q_offset, kv, tables)
+        # q_offset is 0 without a KV cache: leave it out then, for under dynamic shapes torch.compile
+        # would capture the Python 0 as a symbolic scalar, which flex's lowering cannot take
+        s = variant.score(s, b, h, q + q_offset if q_offset else q, kv, tables)
         if ssmax is not None:
             s = s * ssmax[b, h, q]
         return s
@@ -235,64 +237,117 @@ def chunked_attention(q, k, v, score_mod, doc, q_offset, block):
     return torch.cat(out, dim=2).to(q.dtype)
 
 
-_block_masks = {}
+FLEX_BLOCK = 128  # FlexAttention's sparse block size: the block mask says which key blocks each query block sees
+
+
+def flex_block_mask(B, Tq, Tk, q_offset, doc, device):
+    """The causal (+ same document) BlockMask of one forward, built from block-level tensors:
+    O((T / 128)^2) memory, no T x T mask, and plain tensor ops, so torch.compile traces it into
+    the model's graph (no graph break) and it needs no cache. Blocks wholly inside the causal
+    (+ document) region are 'full' and skip the mask function; the others are 'partial'."""
+    n_q, n_k = -(-Tq // FLEX_BLOCK), -(-Tk // FLEX_BLOCK)
+    q_first = q_offset + torch.arange(n_q, device=device) * FLEX_BLOCK  # absolute positions
+    q_last = (q_first + FLEX_BLOCK - 1).clamp(max=q_offset + Tq - 1)
+    k_first = torch.arange(n_k, device=device) * FLEX_BLOCK
+    k_last = k_first + FLEX_BLOCK - 1  # padded: a last, short key block is never full
+    some = (k_first[None, :] <= q_last[:, None])[None]  # (1, n_q, n_k): some key is visible
+    full = (k_last[None, :] <= q_first[:, None])[None]  # every key is visible to every query
+    if doc is not None:  # document ids never decrease along a row: compare each block's first and last
+        dq_lo, dq_hi = doc[:, q_first, None], doc[:, q_last, None]  # (B, n_q, 1)
+        dk_lo, dk_hi = doc[:, None, k_first], doc[:, None, k_last.clamp(max=Tk - 1)]  # (B, 1, n_k)
+        some = some & (dk_lo <= dq_hi) & (dk_hi >= dq_lo)
+        full = full & (dq_lo == dq_hi) & (dk_lo == dk_hi) & (dk_lo == dq_lo)
+
+    def listed(blocks):  # (B, n_q, n_k) bools -> per query block: how many, and their indices first
+        count = blocks.sum(-1, dtype=torch.int32)[:, None]  # (B, 1, n_q)
+        order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
+        return count, order.to(torch.int32)[:, None]  # (B, 1, n_q, n_k)
+
+    def causal(b, h, q, kv):  # q is the local query index; q_offset left out when 0 (see make_score_mod)
+        return (q + q_offset if q_offset else q) >= kv
+
+    def causal_document(b, h, q, kv):
+        q = q + q_offset if q_offset else q
+        return (q >= kv) & (doc[b, q] == doc[b, kv])
+
+    return BlockMask.from_kv_blocks(*listed(some & ~full), *listed(full), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=causal if doc is None else causal_document, seq_lengths=(Tq, Tk))
+
+
+def flex_kernel_options(q):
+    """Triton tile sizes for flex on q's GPU, by its shared memory per block, the dtype and the
+    head size; None off CUDA and for decoding (torch's own choice there). torch's defaults ran out
+    of shared memory on an H100 with table-indexing score_mods; fixed large tiles fail on GPUs
+    with ~100 KB per block (RTX 3090/4090). Keys with fwd_/bwd_ set one pass only."""
+    if q.device.type != "cuda" or q.shape[2] < FLEX_BLOCK:
+        return None
+    shared = torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin
+    if shared >= 200 * 1024:  # H100, H200, B200: forward tiles measured on an H100, torch's sm90 backward
+        options = {"fwd_BLOCK_M": 128, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 8,
+                   "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 128, "bwd_BLOCK_M2": 128, "bwd_BLOCK_N2": 64,
+                   "bwd_num_stages": 3, "bwd_num_warps": 8}
+    else:
+        options = {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "fwd_num_stages": 2, "fwd_num_warps": 4,
+                   "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 32,
+                   "bwd_num_stages": 1, "bwd_num_warps": 4}
+    if q.element_size() > 2:  # float32: torch's own backward tiles for it are already the smallest
+        options = {k: v for k, v in options.items() if not k.startswith("bwd_")}
+    shrink = max(1, q.element_size() * q.shape[-1] // 128)  # 2 bytes x 64 dims is what the tiles above fit
+    return {k: max(16, v // shrink) if "BLOCK_N" in k or "BLOCK_M1" in k else v for k, v in options.items()}
+
+
+@torch.library.custom_op("longgpt::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy that torch.compile must write to memory. Flex's captured tensors (tables, the SSMax
+    factor) computed inside a compiled graph are otherwise fused into the kernel as expressions,
+    which Inductor's flex lowering rejects ('ShapeAsConstantBuffer' on CUDA, 'Pointwise' on CPU)."""
+    return x.clone()
+
+
+materialize.register_fake(torch.empty_like)
+materialize.register_autograd(lambda ctx, grad: grad)
+
 _flex_compiled = None
 
 
-@torch.compiler.disable  # built outside any compiled graph, then passed to flex as an input
-def _flex_block_mask(B, Tq, Tk, q_offset, doc, device):
-    def causal(b, h, q, kv):
-        return q + q_offset >= kv
-
-    def causal_document(b, h, q, kv):
-        return (q + q_offset >= kv) & (doc[b, q + q_offset] == doc[b, kv])
-
-    compile_mask = device.type == "cuda"  # eager mask building at 256K tried to take 64 GB
-    if doc is not None:  # documents change every batch: no caching
-        return create_block_mask(causal_document, B, None, Tq, Tk, device=device, _compile=compile_mask)
-    key = (Tq, Tk, q_offset, str(device))
-    if key not in _block_masks:
-        _block_masks.clear()  # lengths change: keep only the current mask
-        _block_masks[key] = create_block_mask(causal, None, None, Tq, Tk, device=device, _compile=compile_mask)
-    return _block_masks[key]
-
-
-def flex_engine(q, k, v, score_mod, doc, q_offset):
-    B, H, Tq, D = q.shape
-    block_mask = _flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
-    if q.device.type != "cuda":  # eager flex: forward only, a reference off CUDA (it warns so)
-        with warnings.catch_warnings():
+def flex_engine(q, k, v, score_mod, block_mask):
+    if q.device.type != "cuda" and not torch.compiler.is_compiling():
+        with warnings.catch_warnings():  # eager flex: forward only, a reference off CUDA (it warns so)
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
-    # default Triton configs ran out of shared memory with table-indexing score_mods (design.md)
-    options = {"BLOCK_M": 128, "BLOCK_N": 64, "num_stages": 2, "num_warps": 8}
+    options = flex_kernel_options(q)
     if torch.compiler.is_compiling():  # inside a compiled model, flex is compiled with the rest
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
     global _flex_compiled
-    if _flex_compiled is None:
-        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    if _flex_compiled is None:  # shapes become dynamic after the first new length: few recompiles
+        _flex_compiled = torch.compile(flex_attention)
     return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
 
 
-def choose_engine(engine, variant, ssmax, doc, q, k):
-    """'auto': flash for plain NoPE, flex on CUDA, sdpa off CUDA while the T x T bias is small,
+def choose_engine(engine, plain, device, B, H, Tq, Tk):
+    """'auto': on CUDA flash for plain NoPE (no SSMax, no documents), sdpa for one query
+    (decoding: no T x T term) and flex otherwise; elsewhere sdpa while the T x T bias is small,
     chunked beyond that."""
     if engine != "auto":
         return engine
-    if q.device.type == "cuda":
-        plain = isinstance(variant, NoPE) and ssmax is None and doc is None
-        return "sdpa" if plain else "flex"
-    B, H, Tq, _ = q.shape
-    return "sdpa" if B * H * Tq * k.shape[2] <= 2 ** 26 else "chunked"
+    if device.type == "cuda":
+        return "sdpa" if plain or Tq == 1 else "flex"
+    return "sdpa" if B * H * Tq * Tk <= 2 ** 26 else "chunked"
 
 
-def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="auto", block=512):
+def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="auto", block=512, block_mask=None):
     """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) under a positional variant.
 
     tables: variant.tables(Tk, device); ssmax: (B, H, Tq) factor or None; doc: (B, Tk) ids or
-    None; q_offset: absolute position of the first query (Tk - Tq with a KV cache).
+    None; q_offset: absolute position of the first query (Tk - Tq with a KV cache); block_mask:
+    flex_block_mask(...) when the caller builds it once for several layers.
     """
-    engine = choose_engine(engine, variant, ssmax, doc, q, k)
+    B, H, Tq, _ = q.shape
+    plain = isinstance(variant, NoPE) and ssmax is None and doc is None
+    engine = choose_engine(engine, plain, q.device, B, H, Tq, k.shape[2])
+    if engine == "flex" and torch.compiler.is_compiling():  # flex captures them: they must be buffers
+        tables = {key: materialize(t) for key, t in tables.items()}
+        ssmax = None if ssmax is None else materialize(ssmax)
     score_mod = make_score_mod(variant, tables, ssmax, q_offset)
     if engine == "sdpa":
         return sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset)
@@ -301,7 +356,9 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
     if engine == "flex":
         if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
             raise RuntimeError("FlexAttention has no backward off CUDA: train with --engine sdpa or chunked")
-        return flex_engine(q, k, v, score_mod, doc, q_offset)
+        if block_mask is None:
+            block_mask = flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
+        return flex_engine(q, k, v, score_mod, block_mask)
     raise ValueError(f"unknown attention engine {engine!r}; choose one of {', '.join(ENGINES)}")
 
 

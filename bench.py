@@ -10,6 +10,7 @@ Benchmark the positional variants in one run, so that their ratios are fair.
     python bench.py                                  # GPU: bf16, torch.compile, fused AdamW
     python bench.py --tiny --device cpu              # same code paths on a CPU, in seconds
     python bench.py --sections train --variants nope,bam --out bench.json
+    python bench.py --check                          # correctness self-check first, on a new GPU
 
 On CUDA the train and long sections print the project's H100 targets under their numbers, for the
 reader (nothing is asserted). Each long cell runs one untimed forward first (compilation).
@@ -18,12 +19,14 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 
 import torch
 
+import selfcheck
 from attention import VARIANTS, attend, ssmax_factor
-from model import GPT, GPTConfig, gpu_peak
+from model import GPT, GPTConfig, gpu_peak, native_bf16
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
@@ -53,6 +56,8 @@ def get_args():
     p.add_argument("--lengths", help="comma list of token counts for the long section, 64K-style suffix allowed "
                    "(default 64K,256K,512K; 2K,4K with --tiny)")
     p.add_argument("--out", help="also write every number to this JSON file")
+    p.add_argument("--check", action="store_true",
+                   help="run the correctness self-check (selfcheck.py) instead: run it first on a new GPU")
     return p.parse_args()
 
 
@@ -242,11 +247,13 @@ def summary(args, results):
 
 def main():
     args = get_args()
+    if args.check:
+        sys.exit(selfcheck.main(["--device", args.device, "--variants", args.variants]))
     # resolve the defaults that depend on the device and on --tiny
     cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
     args.device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
     args.shape = TINY if args.tiny else FULL
-    args.dtype = args.dtype or (("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if cuda else "float32")
+    args.dtype = args.dtype or (("bfloat16" if native_bf16() else "float16") if cuda else "float32")
     args.torch_dtype = getattr(torch, args.dtype)
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = (1 if args.tiny else 10) if args.warmup is None else args.warmup

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from data.shards import load_tokens, read_header, read_meta, tokenizer_from_meta
 from data.synthetic import CITIES, PASSKEY_FILLER, PASSKEY_PREFIX
-from attention import document_ids
-from model import load_checkpoint
+from attention import FLEX_BLOCK, choose_engine, document_ids
+from model import load_checkpoint, native_bf16
 
 # the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
 PREFIX = PASSKEY_PREFIX
@@ -200,28 +200,26 @@ def read_window(files, sizes, start, n):
 
 def resolve_engine(engine, config, length, device):
     """The engine attention.choose_engine will pick for one sequence of `length` tokens."""
-    if engine != "auto":
-        return engine
     plain = config.attention == "nope" and not config.ssmax
-    if device.type == "cuda":
-        return "sdpa" if plain else "flex"
-    return "sdpa" if config.n_head * length * length <= 2 ** 26 else "chunked"
+    return choose_engine(engine, plain, device, 1, config.n_head, length, length)
 
 
 def estimate_memory(model, length, engine, device, vocab_chunk=0):
     """Bytes a forward over one sequence needs: weights + O(T) activations + the engine's
     attention term (sdpa: H x T x T bias, mask and weights; chunked: ~16 score tiles alive, as
-    measured; flex: O(T) on CUDA, T x T in eager mode elsewhere) + chunked logits for the loss."""
+    measured; flex: O(T) and the block mask's O((T/128)^2) on CUDA, T x T in eager mode elsewhere) + chunked logits for the loss."""
     c = model.config
-    weights = 4 * sum(p.numel() for p in model.parameters())
+    weights = 4 * model.num_params()
     # residual stream, norms, qkv and its float32 copies, MLP (4C, twice) and the variant's tables
     activations = 4 * length * (24 * c.n_embd + 4 * c.n_head)
     engine = resolve_engine(engine, c, length, device)
     plain = c.attention == "nope" and not c.ssmax
     if engine == "chunked":
         attention = 16 * 4 * c.n_head * min(c.attn_block, length) ** 2
-    elif (engine == "sdpa" and plain) or (engine == "flex" and device.type == "cuda"):
+    elif engine == "sdpa" and plain:
         attention = 0
+    elif engine == "flex" and device.type == "cuda":  # the block mask: int32 block lists, both ways
+        attention = 4 * 4 * (length // FLEX_BLOCK + 1) ** 2
     else:
         attention = 3 * 4 * c.n_head * length ** 2
     logits = 3 * 4 * min(vocab_chunk, length) * c.vocab_size
@@ -243,7 +241,11 @@ def available_memory(device):
 
 
 def check_memory(model, lengths, args, device):
-    available = args.max_memory_gb * 2 ** 30 if args.max_memory_gb else available_memory(device)
+    if args.max_memory_gb:
+        available = args.max_memory_gb * 2 ** 30
+    else:  # the model is loaded already: its weights are in the estimate, not in the free memory
+        available = available_memory(device)
+        available = available and available + 4 * model.num_params()
     for label, length in lengths:
         vocab_chunk = args.loss_chunk if args.task == "loss" else 0
         need, engine = estimate_memory(model, length, args.engine, device, vocab_chunk)
@@ -467,7 +469,7 @@ def main(argv=None):
         return 2
     dtype = args.dtype
     if dtype == "auto":  # bf16 is not available on every GPU (V100, T4: nanoGPT #84)
-        dtype = "float32" if device.type != "cuda" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        dtype = "float32" if device.type != "cuda" else "bfloat16" if native_bf16() else "float16"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
     print(f"{args.ckpt}: {model.config.attention}, trained at {block_size} tokens, step {checkpoint.get('step')}; "
           f"{device}, {dtype}, engine {args.engine}, attn block {args.attn_block}", flush=True)

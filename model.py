@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import ENGINES, VARIANTS, apply_rotary, attend, rotary_frequencies, ssmax_factor
+from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, rotary_frequencies,
+                       ssmax_factor)
 
 ROPE_MODES = ("none", "full", "partial")
 
@@ -79,11 +80,11 @@ class CausalSelfAttention(nn.Module):
             fraction = 1.0 if config.rope == "full" else config.rope_fraction
             self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
 
-    def forward(self, x, variant, tables, doc=None, cache=None):
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None):
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        if self.qk_norm:
-            q, k = F.rms_norm(q, (q.size(-1),)), F.rms_norm(k, (k.size(-1),))
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
+        if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
+            q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
         q_offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
         if self.config.rope != "none":
             positions = torch.arange(q_offset, q_offset + T, device=x.device)
@@ -94,7 +95,7 @@ class CausalSelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         ssmax = ssmax_factor(self.ssmax_scale, B, T, q_offset, doc) if self.config.ssmax else None
         y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
-                   engine=self.config.engine, block=self.config.attn_block)
+                   engine=engine, block=self.config.attn_block, block_mask=block_mask)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -117,8 +118,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, variant, tables, doc=None, cache=None):
-        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache)
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None):
+        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -152,11 +153,17 @@ class GPT(nn.Module):
         cache: a list of per-layer dicts from new_cache(), extended in place."""
         B, T = idx.shape
         n_keys = T + (cache[0]["k"].shape[2] if cache is not None and cache[0].get("k") is not None else 0)
+        # everything the layers share is made once per forward, outside the layer loop: the
+        # positional tables, the engine, and flex's block mask (so torch.compile sees one graph)
+        c = self.config
         tables = [p.tables(n_keys, idx.device) for p in self.positional]
+        plain = c.attention == "nope" and not c.ssmax and doc is None
+        engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys)
+        block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
         x = self.drop(self.wte(idx))
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
-            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i])
+            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):
@@ -212,6 +219,13 @@ class GPT(nn.Module):
 
 GPU_PEAKS = (("H200", "H200", 989), ("H100 PCIe", "H100 PCIe", 756), ("H100 NVL", "H100 NVL", 835),
              ("H100", "H100 SXM", 989), ("A100", "A100", 312))
+
+
+def native_bf16():
+    """True on GPUs that compute bfloat16 natively (compute capability 8.0+). Not
+    torch.cuda.is_bf16_supported(): it also says yes where bf16 is emulated (T4, V100), and flex
+    cannot run bf16 there."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def gpu_peak(device_name):

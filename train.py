@@ -22,7 +22,7 @@ from tqdm import tqdm
 from attention import ENGINES, VARIANTS, document_ids
 from data.loader import TokenLoader
 from data.shards import read_meta
-from model import GPT, GPTConfig, ROPE_MODES, gpu_peak, load_checkpoint, param, save_checkpoint
+from model import GPT, GPTConfig, ROPE_MODES, gpu_peak, load_checkpoint, native_bf16, param, save_checkpoint
 
 
 @dataclass
@@ -135,7 +135,7 @@ def pick_device(name):
 
 
 def pick_dtype(name, device):
-    bf16_ok = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    bf16_ok = device.startswith("cuda") and native_bf16()
     if name == "auto":
         if device.startswith("cuda") and not bf16_ok:
             print("note: this GPU has no bfloat16; training in float32")
