@@ -153,9 +153,7 @@ def make_score_mod(variant, tables, ssmax, q_offset):
     """The full score function of one attention call, in FlexAttention's signature.
     q arrives as the local query index; the variant sees absolute positions."""
     def score_mod(s, b, h, q, kv):
-        # q_offset is 0 without a KV cache: leave it out then, for under dynamic shapes torch.compile
-        # would capture the Python 0 as a symbolic scalar, which flex's lowering cannot take
-        s = variant.score(s, b, h, q + q_offset if q_offset else q, kv, tables)
+        s = variant.score(s, b, h, q + q_offset, kv, tables)
         if ssmax is not None:
             s = s * ssmax[b, h, q]
         return s
@@ -263,7 +261,9 @@ def flex_block_mask(B, Tq, Tk, q_offset, doc, device):
         order = torch.argsort(blocks.to(torch.int8), dim=-1, descending=True, stable=True)
         return count, order.to(torch.int32)[:, None]  # (B, 1, n_q, n_k)
 
-    def causal(b, h, q, kv):  # q is the local query index; q_offset left out when 0 (see make_score_mod)
+    # q is the local query index. A q_offset of 0 (no KV cache) is left out: under dynamic shapes
+    # torch.compile captures it as a symbolic scalar, which Inductor's flex lowering cannot take
+    def causal(b, h, q, kv):
         return (q + q_offset if q_offset else q) >= kv
 
     def causal_document(b, h, q, kv):
@@ -299,8 +299,8 @@ def flex_kernel_options(q):
 @torch.library.custom_op("longgpt::materialize", mutates_args=())
 def materialize(x: torch.Tensor) -> torch.Tensor:
     """A copy that torch.compile must write to memory. Flex's captured tensors (tables, the SSMax
-    factor) computed inside a compiled graph are otherwise fused into the kernel as expressions,
-    which Inductor's flex lowering rejects ('ShapeAsConstantBuffer' on CUDA, 'Pointwise' on CPU)."""
+    factor) computed inside a compiled graph are otherwise left as unwritten expressions, which
+    Inductor's flex lowering for the CPU rejects ('Cannot Append Choice: Pointwise')."""
     return x.clone()
 
 
