@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
+import attention
 import model as model_module
 import selfcheck
 from attention import VARIANTS, attend, document_ids, flex_kernel_options
@@ -78,15 +79,44 @@ def test_few_compilations_across_lengths(name, engine):
     assert not [w for w in caught if "without torch.compile" in str(w.message)]
 
 
-def test_flex_block_mask_with_a_query_offset_and_documents():
-    """Queries 133..332 of 333 keys (a KV cache longer than one block), documents masked."""
-    var = VARIANTS["alibi"](GPTConfig(n_head=2))
-    q, k, v = (torch.randn(2, 2, 333, 16) for _ in range(3))
-    doc = torch.sort(torch.randint(0, 4, (2, 333)), dim=1).values
-    tables = var.tables(333, "cpu")
-    want = attend(q, k, v, var, tables, doc=doc, engine="sdpa")[:, :, 133:]
-    got = attend(q[:, :, 133:], k, v, var, tables, doc=doc, q_offset=133, engine="flex")
-    assert torch.allclose(got, want, atol=1e-5)
+def listed_blocks(counts, indices):
+    """(B, 1, n_q) counts and (B, 1, n_q, n_k) indices -> (B, n_q, n_k) bools."""
+    B, _, n_q, n_k = indices.shape
+    listed = torch.zeros(B, n_q, n_k, dtype=torch.bool)
+    for b in range(B):
+        for i in range(n_q):
+            listed[b, i, indices[b, 0, i, :counts[b, 0, i]].long()] = True
+    return listed
+
+
+@pytest.mark.parametrize("Tq,Tk,use_doc", [(1, 1, False), (200, 333, True), (333, 333, True), (256, 256, False),
+                                            (1, 700, True), (130, 1000, False), (1000, 1000, True)])
+def test_flex_block_mask_lists_exactly_the_visible_blocks(Tq, Tk, use_doc):
+    """Eager flex (the CPU reference) applies the mask to every score, so the block lists are
+    checked here directly: a key block is listed iff some query of the block sees some key of it,
+    and 'full' (the mask skipped) only where every query sees every key."""
+    B, q_offset, n = 2, Tk - Tq, attention.FLEX_BLOCK
+    doc = torch.sort(torch.randint(0, 3, (B, Tk)), dim=1).values if use_doc else None  # long documents
+    mask = attention.flex_block_mask(B, Tq, Tk, q_offset, doc, torch.device("cpu"))
+    i, j = torch.arange(Tq)[:, None] + q_offset, torch.arange(Tk)[None, :]
+    allowed = (i >= j).expand(B, Tq, Tk)
+    if use_doc:
+        allowed = allowed & (doc[:, i] == doc[:, None, :])
+    n_q, n_k = -(-Tq // n), -(-Tk // n)
+    padded = torch.zeros(B, n_q * n, n_k * n, dtype=torch.bool)
+    padded[:, :Tq, :Tk] = allowed
+    inside = torch.zeros_like(padded)
+    inside[:, :Tq, :Tk] = True
+    tiles = lambda m: m.view(B, n_q, n, n_k, n).transpose(2, 3).flatten(3)  # noqa: E731 (B, n_q, n_k, n*n)
+    some = tiles(padded).any(-1)
+    every = (tiles(padded) | ~tiles(inside)).all(-1) & tiles(inside).any(-1)
+    partial = listed_blocks(mask.kv_num_blocks, mask.kv_indices)
+    full = listed_blocks(mask.full_kv_num_blocks, mask.full_kv_indices)
+    assert not (partial & full).any()
+    partial, full = partial.expand_as(some), full.expand_as(some)  # no documents: one row serves all
+    assert torch.equal(partial | full, some)
+    assert not (full & ~every).any()  # a full block never hides a masked score
+    assert Tk % n or torch.equal(full, every)  # and every such block is full
 
 
 def fake_cuda_q(dtype_bytes, head_size, T=1024):
