@@ -1,5 +1,6 @@
 """Tests of eval_extrapolate.py: prompts, scoring, engines at length, memory, errors, loss task.
 CPU-only, no network, files only under tmp_path."""
+import argparse
 import dataclasses
 import json
 import os
@@ -233,6 +234,20 @@ def test_memory_estimate_and_engine_choice():
     sdpa, _ = E.estimate_memory(model, 65536, "sdpa", cpu)
     chunked, _ = E.estimate_memory(model, 65536, "chunked", cpu)
     assert sdpa > 2 * 65536 ** 2 * 4 > 2 ** 30 > chunked  # the T x T term, or a tile
+
+
+def test_memory_check_counts_the_loaded_weights_once(monkeypatch):
+    """Free memory is read with the model already loaded: a length whose estimate exceeds the free
+    memory by less than the weights fits; one that exceeds it by more does not."""
+    model = tiny_model(n_embd=256, vocab_size=8192)  # weights dominate the estimate at this length
+    cpu, args = torch.device("cpu"), argparse.Namespace(max_memory_gb=None, task="passkey", engine="auto")
+    need, _ = E.estimate_memory(model, 1024, "auto", cpu)
+    weights = 4 * model.num_params()
+    monkeypatch.setattr(E, "available_memory", lambda device: need - weights // 2)
+    E.check_memory(model, [("8x", 1024)], args, cpu)
+    monkeypatch.setattr(E, "available_memory", lambda device: need - 2 * weights)
+    with pytest.raises(ValueError, match="length 8x .* needs about"):
+        E.check_memory(model, [("8x", 1024)], args, cpu)
 
 # -----------------------------------------------------------------------------
 # bad input
