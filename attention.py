@@ -29,6 +29,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
+    raise ImportError(f"torch {torch.__version__} is too old: FlexAttention training needs torch >= 2.6 "
+                      f"(./setup.sh installs torch==2.13.0)")
+
 
 def distance(q, kv):
     # t = i - j, clamped at 0: score functions are also evaluated on masked (future) entries,
