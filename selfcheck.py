@@ -124,7 +124,12 @@ def main(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants (default: all)")
     p.add_argument("--checks", default=",".join(CHECKS), help=f"comma list of checks (default: all: {', '.join(CHECKS)})")
     args = p.parse_args(argv)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    except RuntimeError:
+        p.error(f"unknown --device {args.device!r}; use auto, cuda, cuda:N or cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
     variants = args.variants.split(",")
     checks = args.checks.split(",")
     unknown = sorted((set(variants) - set(VARIANTS)) | (set(checks) - set(CHECKS)))

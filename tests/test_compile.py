@@ -183,5 +183,10 @@ def test_flex_gradients_match_sdpa_on_cuda(name):
         assert error < selfcheck.TOLERANCE[torch.float32], (name, T, error)
 
 
-def test_self_check_runs_on_the_cpu():
+def test_self_check_runs_on_the_cpu_and_refuses_bad_flags(capsys):
     assert selfcheck.main(["--device", "cpu", "--variants", "bam", "--checks", "engines,decode"]) == 0
+    assert "5 passed, 0 failed" in capsys.readouterr().out
+    for bad in (["--checks", "speed"], ["--variants", "rope"], ["--device", "gpu0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            selfcheck.main(bad)
+        assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
