@@ -27,18 +27,16 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data.shards import load_tokens, read_header, read_meta, tokenizer_from_meta
-from data.synthetic import CITIES, PASSKEY_FILLER, PASSKEY_PREFIX
+from data.synthetic import (CITIES, NIAH_NEEDLE, NIAH_QUESTION, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_PREFIX,
+                            PASSKEY_QUESTION)
 from attention import FLEX_BLOCK, choose_engine, document_ids
 from model import load_checkpoint, native_bf16
 
 # the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
 PREFIX = PASSKEY_PREFIX
 FILLER = " ".join(PASSKEY_FILLER)  # "The grass is green. ... There and back again." = one filler unit
-NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key? The pass key is"
+NEEDLE, QUESTION = PASSKEY_NEEDLE, PASSKEY_QUESTION
 # needle in a haystack as the scale-invariant paper runs it: 3 needles, 7-digit numbers
-NIAH_NEEDLE = "The special magic {city} number is {number}."
-NIAH_QUESTION = "What is the special magic {city} number? The special magic {city} number is"
 
 # -----------------------------------------------------------------------------
 # prompts: built at the token level so the length in tokens is exact. Pieces are joined by

@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, rotary_frequencies,
-                       ssmax_factor)
+from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, positions_in_document,
+                       rotary_frequencies, ssmax_factor)
 
 ROPE_MODES = ("none", "full", "partial")
 
@@ -40,6 +40,8 @@ class GPTConfig:
     rope_base: float = param(10000.0, "rotary base")
     scaleinv_tau: float = param(10.0, "scale-invariant attention's tau")
     bam_per_layer: bool = param(False, "one BAM prior per layer instead of one shared by all layers")
+    prev_tokens: int = param(3, "previous-token path: each embedding mixes in this many embeddings before it (0: off)")
+    key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
     engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked")
     attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)")
 
@@ -57,6 +59,7 @@ class GPTConfig:
             (0.0 <= self.rope_fraction <= 1.0, f"rope_fraction {self.rope_fraction} is outside [0, 1]"),
             (min(self.n_layer, self.n_head, self.block_size, self.vocab_size, self.attn_block) > 0,
              "n_layer, n_head, block_size, vocab_size and attn_block must be positive"),
+            (self.prev_tokens >= 0, f"prev_tokens must be 0 or more, got {self.prev_tokens}"),
             (self.scaleinv_tau > 0, f"scaleinv_tau must be positive, got {self.scaleinv_tau}"),
         ]
         for ok, message in checks:
@@ -86,6 +89,8 @@ class CausalSelfAttention(nn.Module):
         if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
             q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
         q_offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        if self.config.key_offset:
+            k = self.offset_keys(k, doc, cache)
         if self.config.rope != "none":
             positions = torch.arange(q_offset, q_offset + T, device=x.device)
             q, k = apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq)
@@ -97,6 +102,23 @@ class CausalSelfAttention(nn.Module):
         y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
                    engine=engine, block=self.config.attn_block, block_mask=block_mask)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+    @staticmethod
+    def offset_keys(k, doc, cache):
+        """The second half of each head's key dimensions taken from the previous token (a partial
+        key offset, as in modded-nanogpt): key j then says what came before j, so a query can
+        find "the token after the one like me" by plain similarity, the induction pattern that
+        retrieval needs. Nothing crosses a document boundary; with a KV cache the first new
+        token takes the last cached token's."""
+        half = k.size(-1) // 2
+        last = cache.get("last_key_half") if cache is not None else None
+        previous = torch.cat([torch.zeros_like(k[:, :, :1, half:]) if last is None else last, k[:, :, :-1, half:]], dim=2)
+        if cache is not None:
+            cache["last_key_half"] = k[:, :, -1:, half:]
+        if doc is not None:
+            previous = previous * (positions_in_document(doc)[:, -k.size(2):] > 0)[:, None, :, None]
+        return torch.cat([k[..., :half], previous], dim=-1)
 
 
 class MLP(nn.Module):
@@ -129,6 +151,9 @@ class GPT(nn.Module):
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
+        if config.prev_tokens:
+            self.prev_weight = nn.Parameter(F.one_hot(torch.tensor(0), config.prev_tokens + 1).float()[:, None]
+                                            .repeat(1, config.n_embd))  # (K + 1, C): w_0 = 1, w_k = 0
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -144,9 +169,31 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+    def mix_previous(self, x, doc, cache):
+        """x'_t = sum_k w_k * x_{t-k}, k = 0..prev_tokens, w_k a learned vector per offset (a causal
+        depthwise convolution over the embeddings, as Canon layers do; w_0 = 1, the rest 0 at
+        init). Every token then carries the few tokens before it, so one attention layer can
+        match "the tokens before you are the ones before me" and copy: an induction head without
+        first learning a previous-token head, which a tiny model does not manage in minutes
+        (README, "Retrieval"). Nothing crosses a document boundary; with a KV cache the first new
+        tokens mix with the last cached ones."""
+        K, (B, T, C) = self.config.prev_tokens, x.shape
+        past = cache[0].get("past_embeddings") if cache is not None else None
+        padded = torch.cat([x.new_zeros(B, K, C) if past is None else past, x], dim=1)
+        if cache is not None:
+            cache[0]["past_embeddings"] = padded[:, -K:]
+        position = positions_in_document(doc).unsqueeze(-1) if doc is not None else None
+        out = x * self.prev_weight[0]
+        for k in range(1, K + 1):
+            previous = padded[:, K - k:K - k + T]
+            out = out + self.prev_weight[k] * (previous if position is None else previous * (position >= k))
+        return out
 
     def hidden_states(self, idx, doc=None, cache=None):
         """Final-norm hidden states (B, T, C). doc: (B, T) document ids for document masking;
@@ -160,7 +207,8 @@ class GPT(nn.Module):
         plain = c.attention == "nope" and not c.ssmax and doc is None
         engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys)
         block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
-        x = self.drop(self.wte(idx))
+        x = self.wte(idx)
+        x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
             x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask)
@@ -173,7 +221,9 @@ class GPT(nn.Module):
         x = self.hidden_states(idx, doc, cache)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # mean over the counted targets (-1: not counted, e.g. outside a loss mask); 0 if none is
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction="sum") / (targets != -1).sum().clamp(min=1)
             return logits, loss
         x = x[:, -1:] if logits_at is None else x[:, logits_at]
         return self.lm_head(x), None
@@ -261,7 +311,7 @@ def load_checkpoint(path, device="cpu"):
         unknown = set(checkpoint["model_config"]) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model = GPT(GPTConfig(**{"prev_tokens": 0, "key_offset": False} | checkpoint["model_config"]))  # older checkpoints
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -4,12 +4,13 @@ import os
 
 import numpy as np
 
-from data.shards import load_tokens, prepare_command, read_header
+from data.shards import LOSS_MASK_DIR, load_tokens, prepare_command, read_header
 
 
 class TokenLoader:
     """Walks the split's shards ({split}_*.bin, sorted) front to back, B*T tokens per batch,
-    wrapping around after the last. A shard's tail shorter than B*T+1 tokens is skipped."""
+    wrapping around after the last. A shard's tail shorter than B*T+1 tokens is skipped. Where
+    the dataset has loss masks, targets the mask leaves out are -1 (the loss ignores them)."""
 
     def __init__(self, folder, split, batch_size, block_size):
         assert split in ("train", "val"), split
@@ -17,6 +18,12 @@ class TokenLoader:
         if not self.files:
             raise FileNotFoundError(f"no {split}_*.bin in {folder}; run {prepare_command(folder)}")
         self.sizes = [read_header(f) for f in self.files]
+        self.masks = [os.path.join(folder, LOSS_MASK_DIR, os.path.basename(f)) for f in self.files]
+        if not all(os.path.exists(m) for m in self.masks):
+            self.masks = None
+        elif [read_header(m) for m in self.masks] != self.sizes:
+            raise ValueError(f"the loss masks in {os.path.join(folder, LOSS_MASK_DIR)} do not match the {split} shards; "
+                             f"run {prepare_command(folder)} --force")
         self.B, self.T = batch_size, block_size
         need = self.B * self.T + 1
         if max(self.sizes) < need:
@@ -44,5 +51,9 @@ class TokenLoader:
         # re-map per batch: a memmap held for a whole run grows resident memory (nanoGPT #287)
         tokens = load_tokens(self.files[self.shard])
         buf = np.array(tokens[self.pos:self.pos + n + 1], dtype=np.int64)
+        x, y = buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
+        if self.masks is not None:
+            counted = load_tokens(self.masks[self.shard])[self.pos + 1:self.pos + n + 1].reshape(self.B, self.T)
+            y = np.where(counted == 1, y, -1)
         self.pos += n
-        return buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
+        return x, y

@@ -20,8 +20,8 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from tqdm import tqdm
 
-from data.shards import ShardWriter, read_header, read_meta, write_meta
-from data.synthetic import generate_documents
+from data.shards import LOSS_MASK_DIR, ShardWriter, read_header, read_meta, write_meta
+from data.synthetic import generate_documents, text_of
 from data.tokenizer import GPT2_EOT, TOKENIZERS, get_tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -32,21 +32,44 @@ FINEWEB_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main
 # shared steps
 
 
-def tokenize(docs, total, folder, args):
-    """Tokenize (split, text) pairs into {split}_*.bin shards, each text preceded by <|endoftext|>."""
+def tokenize(docs, total, folder, args, pack=0):
+    """Tokenize (split, document) pairs into {split}_*.bin shards, each document preceded by
+    <|endoftext|>. A document is a text, or a list of (text, is_answer) pieces joined by spaces;
+    with pieces, loss_mask/{split}_*.bin shards say which tokens are answers (1) and training
+    counts the loss on those alone. pack > 0: no document shorter than pack tokens straddles a
+    multiple of pack, so every training window of a multiple of pack tokens starts at a
+    document (a question whose fact was cut off into the previous window teaches nothing)."""
     enc = get_tokenizer(args.tokenizer, args.ranks_file)
     writers = {split: ShardWriter(folder, split, args.shard_size) for split in ("train", "val")}
-    for split, text in tqdm(docs, total=total, unit="doc", desc="tokenizing"):
-        if text:
-            writers[split].add([enc.eot_token] + enc.encode_ordinary(text))
+    mask_dir = os.path.join(folder, LOSS_MASK_DIR)
+    masks = {split: ShardWriter(mask_dir, split, args.shard_size) for split in ("train", "val")}
+    for split, doc in tqdm(docs, total=total, unit="doc", desc="tokenizing"):
+        if isinstance(doc, str):
+            tokens, mask = [enc.eot_token] + enc.encode_ordinary(doc), None
+        else:
+            tokens, mask = [enc.eot_token], [0]
+            for i, (text, is_answer) in enumerate(doc):
+                piece = enc.encode_ordinary((" " if i else "") + text)
+                tokens += piece
+                mask += [int(is_answer)] * len(piece)
+        if len(tokens) > 1:
+            room = pack - writers[split].n_tokens % pack if pack else len(tokens)
+            if len(tokens) > room:  # start the next row: end-of-text tokens outside the loss fill this one
+                writers[split].add([enc.eot_token] * room)
+                mask = None if mask is None else [0] * room + mask
+            writers[split].add(tokens)
+            if mask is not None:
+                os.makedirs(mask_dir, exist_ok=True)
+                masks[split].add(mask)
     files = []
     for split, writer in writers.items():
         files += [os.path.basename(f) for f in writer.close()]
+        files += [os.path.join(LOSS_MASK_DIR, os.path.basename(f)) for f in masks[split].close()]
         if writer.n_tokens == 0:
             raise ValueError(f"the {split} split got no text; give more input text (or more --val-docs / --val-fraction)")
     return dict(tokenizer=args.tokenizer, ranks_file=args.ranks_file, vocab_size=enc.n_vocab,
                 eot_token=enc.eot_token, train_tokens=writers["train"].n_tokens,
-                val_tokens=writers["val"].n_tokens, files=files)
+                val_tokens=writers["val"].n_tokens, files=files, **({"words": enc.words} if args.tokenizer == "words" else {}))
 
 
 def download(url, path, check=None):
@@ -126,8 +149,9 @@ def tokenize_files(files, folder, args):
 
 def synthetic(args, folder):
     n = args.val_docs + args.docs  # one stream: the first val_docs documents are val
-    docs = (("val" if i < args.val_docs else "train", d) for i, d in enumerate(generate_documents(n, args.seed)))
-    return dict(tokenize(docs, n, folder, args), source=f"data/synthetic.py, seed {args.seed}")
+    docs = (("val" if i < args.val_docs else "train", d if args.loss_on == "answers" else text_of(d))
+            for i, d in enumerate(generate_documents(n, args.seed)))
+    return dict(tokenize(docs, n, folder, args, args.pack), source=f"data/synthetic.py, seed {args.seed}")
 
 
 def text(args, folder):
@@ -161,22 +185,31 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="source", required=True, metavar="source")
 
-    def add(name, description, tokenizes=True):
+    def add(name, description, tokenizes=True, tokenizer="bytes"):
         p = sub.add_parser(name, help=description, description=description)
         p.add_argument("--out", help=f"output folder (default: data/{name})")
         p.add_argument("--force", action="store_true", help="rebuild even if the output is already prepared")
         if tokenizes:
-            p.add_argument("--tokenizer", choices=TOKENIZERS, default="bytes",
-                           help="bytes: 256 byte tokens + <|endoftext|>, no download; gpt2: GPT-2 BPE (default: bytes)")
+            p.add_argument("--tokenizer", choices=TOKENIZERS, default=tokenizer,
+                           help="words: one token per word of the synthetic data's vocabulary, bytes for anything "
+                                "else; bytes: 256 byte tokens + <|endoftext|>; gpt2: GPT-2 BPE, downloaded "
+                                f"(default: {tokenizer})")
             p.add_argument("--ranks-file", help="with --tokenizer gpt2: a local GPT-2 ranks file (gpt2.tiktoken) "
                                                 "instead of downloading the BPE")
             p.add_argument("--shard-size", type=int, default=10**7, help="tokens per shard file (default: 10M)")
         return p
 
-    p = add("synthetic", "filler text with planted passkeys and facts, asked about at the end (data/synthetic.py)")
-    p.add_argument("--docs", type=int, default=7000, help="training documents (default: 7000, about 2.5M byte tokens)")
-    p.add_argument("--val-docs", type=int, default=250, help="validation documents (default: 250, about 90K byte tokens)")
+    p = add("synthetic", "filler text with planted passkeys and facts, asked about at the end (data/synthetic.py)",
+            tokenizer="words")
+    p.add_argument("--docs", type=int, default=30000, help="training documents (default: 30000, about 3M word tokens)")
+    p.add_argument("--val-docs", type=int, default=500, help="validation documents (default: 500, about 50K word tokens)")
     p.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same data (default: 1337)")
+    p.add_argument("--pack", type=int, default=128,
+                   help="row length: documents never straddle a multiple of it, so windows of any multiple "
+                        "of it (--block-size 128, 256, 384 ...) start at a document (0: plain concatenation; default: 128)")
+    p.add_argument("--loss-on", choices=("answers", "all"), default="answers",
+                   help="tokens the training loss counts: the answers (what earlier text in the document "
+                        "determines; a tiny model learns retrieval only so), or all (default: answers)")
     p = add("text", "local text files, one document per file")
     p.add_argument("--input", nargs="+", required=True, help="files, or folders searched recursively for *.txt and *.md")
     p.add_argument("--val-fraction", type=float, default=0.05,

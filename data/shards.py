@@ -2,7 +2,8 @@
 
 A shard is a header of 256 int32 (magic 20240520, version 1, token count, zeros) followed by
 the tokens as uint16, all little-endian. A prepared dataset is a folder of train_*.bin,
-val_*.bin and a meta.json saying how it was made (tokenizer, counts, settings).
+val_*.bin and a meta.json saying how it was made (tokenizer, counts, settings), and optionally
+loss_mask/*.bin: shards of the same names holding 1 for each token the loss counts, 0 elsewhere.
 """
 import json
 import os
@@ -14,6 +15,7 @@ from data.tokenizer import get_tokenizer
 MAGIC, VERSION = 20240520, 1
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
+LOSS_MASK_DIR = "loss_mask"  # optional: per shard, 1 where a token is a training target, 0 where not
 SOURCES = ("synthetic", "text", "shakespeare", "fineweb")  # the subcommands of data/prepare.py
 
 
@@ -128,5 +130,5 @@ def read_meta(folder):
 
 
 def tokenizer_from_meta(meta):
-    """The tiktoken Encoding a prepared dataset was made with."""
-    return get_tokenizer(meta["tokenizer"], meta.get("ranks_file"))
+    """The tokenizer a prepared dataset was made with (a words dataset records its word list)."""
+    return get_tokenizer(meta["tokenizer"], meta.get("ranks_file"), meta.get("words"))
