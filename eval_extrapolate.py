@@ -26,122 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.shards import load_tokens, read_header, read_meta, tokenizer_from_meta
-from data.synthetic import (CITIES, NIAH_NEEDLE, NIAH_QUESTION, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_PREFIX,
-                            PASSKEY_QUESTION)
+from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, tokenizer_from_meta
+from data.synthetic import CITIES
 from attention import FLEX_BLOCK, choose_engine, document_ids
 from model import load_checkpoint, native_bf16
-
-# the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
-PREFIX = PASSKEY_PREFIX
-FILLER = " ".join(PASSKEY_FILLER)  # "The grass is green. ... There and back again." = one filler unit
-NEEDLE, QUESTION = PASSKEY_NEEDLE, PASSKEY_QUESTION
-# needle in a haystack as the scale-invariant paper runs it: 3 needles, 7-digit numbers
+from retrieval import answer_logits, judge, niah_sample, passkey_sample
 
 # -----------------------------------------------------------------------------
-# prompts: built at the token level so the length in tokens is exact. Pieces are joined by
-# single spaces (a piece after the first is encoded with its leading space, as BPE sees it)
-# and the prompt opens with the end-of-text token, as every training document does.
-
-
-def encode(enc, text):
-    """Token ids of text; refuse a tokenizer that cannot give the text back."""
-    tokens = enc.encode_ordinary(text)
-    if enc.decode(tokens) != text:
-        raise ValueError(f"the {enc.name!r} tokenizer cannot encode {text[:40]!r} (decoding does not give it back)")
-    return tokens
-
-
-def assemble(head, units, needles, tail):
-    """head + haystack units with each needle inserted at its unit boundary + tail.
-    needles: (boundary in 0..len(units), tokens). Returns the tokens and each needle's start."""
-    tokens, starts, done = list(head), [0] * len(needles), 0
-    for k in sorted(range(len(needles)), key=lambda k: needles[k][0]):
-        boundary, needle = needles[k]
-        for unit in units[done:boundary]:
-            tokens += unit
-        starts[k], done = len(tokens), boundary
-        tokens += needle
-    for unit in units[done:]:
-        tokens += unit
-    return tokens + tail, starts
-
-
-def make_sample(enc, length, prefix, needles, depths, qa, haystack, rng):
-    """One teacher-forced prompt of at most `length` input tokens (the last answer token is
-    only a target). prefix: opening text or None; needles: texts; depths: where each goes in
-    [0, 1]; qa: (question, answer) texts, asked one after another. haystack: None for the
-    repeated passkey filler, or the token ids of a text file, from which a random window is
-    cut at the token level."""
-    head = [enc.eot_token] + (encode(enc, prefix) if prefix else [])
-    needle_tokens = [encode(enc, " " + n) for n in needles]
-    tail, answers = [], []
-    for i, (question, answer) in enumerate(qa):  # "... is 1234567. What is ..." as in training documents
-        tail += encode(enc, (". " if i else " ") + question)
-        answer_tokens = encode(enc, " " + answer)
-        answers.append((len(tail), len(tail) + len(answer_tokens)))
-        tail += answer_tokens
-    fixed = len(head) + sum(map(len, needle_tokens)) + len(tail) - 1
-    unit = encode(enc, " " + FILLER) if haystack is None else [0]
-    n_units = (length - fixed) // len(unit)
-    if n_units < 1:
-        raise ValueError(f"length {length} is too short for the prompt: the minimum is {fixed + len(unit)} tokens")
-    if haystack is None:
-        units = [unit] * n_units
-    elif len(haystack) < n_units:
-        raise ValueError(f"the haystack file has {len(haystack)} tokens, length {length} needs {n_units}")
-    else:
-        start = rng.randrange(len(haystack) - n_units + 1)
-        units = [[t] for t in haystack[start:start + n_units].tolist()]
-    # needle at the unit boundary nearest depth * n_units: 0 = right after the prefix (or EOT)
-    # (farthest from the question), 1 = right before the question
-    tokens, starts = assemble(head, units, [(round(d * n_units), n) for d, n in zip(depths, needle_tokens)], tail)
-    offset = len(tokens) - len(tail)
-    return {"tokens": np.array(tokens, dtype=np.int64), "needle_at": starts,
-            "answers": [(offset + a, offset + b) for a, b in answers]}
-
-
-def passkey_sample(enc, length, depth, digits, rng):
-    key = str(rng.randint(10 ** (digits - 1), 10 ** digits - 1))
-    sample = make_sample(enc, length, PREFIX, [NEEDLE.format(key=key)], [depth], [(QUESTION, key)], None, rng)
-    return dict(sample, depth=depth, keys=[key])
-
-
-def niah_sample(enc, length, depth, n_needles, haystack, rng):
-    """Needle k goes at depth (depth + k / n) wrapped into [0, 1], so the first needle is at the
-    requested depth and the others evenly spread; each is asked about in the same order. No
-    instruction prefix: papers.md gives one for passkey only, and the needles need the room."""
-    cities = rng.sample(CITIES, n_needles)
-    numbers = [str(rng.randint(10 ** 6, 10 ** 7 - 1)) for _ in cities]
-    depths = [d - 1 if d > 1 else d for d in (depth + k / n_needles for k in range(n_needles))]
-    needles = [NIAH_NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers)]
-    qa = [(NIAH_QUESTION.format(city=c), n) for c, n in zip(cities, numbers)]
-    sample = make_sample(enc, length, None, needles, depths, qa, haystack, rng)
-    return dict(sample, depth=depth, needle_depths=depths, cities=cities, keys=numbers)
-
-# -----------------------------------------------------------------------------
-# scoring
-
-
-def answer_logits(model, sample, device="cpu"):
-    """Teacher-forced logits (n_answer_tokens, vocab) at the positions that predict the answers:
-    the input is the prompt plus the answers minus the last token."""
-    tokens = torch.from_numpy(sample["tokens"])
-    positions = torch.cat([torch.arange(a - 1, b - 1) for a, b in sample["answers"]])
-    logits, _ = model(tokens[None, :-1].to(device), logits_at=positions.to(device))
-    return logits[0].float().cpu()
-
-
-def judge(logits, sample, enc):
-    """Per answer: correct iff the argmax equals the answer token at every answer position
-    (papers.md: the same as greedy decoding producing the key)."""
-    predicted, results, i = logits.argmax(dim=-1).tolist(), [], 0
-    for a, b in sample["answers"]:
-        guess, truth = predicted[i:i + b - a], sample["tokens"][a:b].tolist()
-        text = b"".join(enc.decode_single_token_bytes(t) if t < enc.n_vocab else f"<{t}>".encode() for t in guess)
-        results.append({"predicted": text.decode("utf-8", errors="replace"), "correct": guess == truth})
-        i += b - a
-    return results
+# the loss by position
 
 
 def position_losses(model, tokens, chunk=4096, eot=None):
@@ -273,10 +165,16 @@ def parse_lengths(text, block_size):
 
 
 def parse_depths(text):
+    """'0,0.5,1' -> [0.0, 0.5, 1.0]; 'even:N' -> N depths evenly spaced from 0 to 1."""
+    if text.startswith("even:"):
+        n = text[5:]
+        if not n.isdigit() or int(n) < 2:
+            raise ValueError(f"bad --depths {text!r}: even:N needs a whole number N >= 2, e.g. even:10")
+        return [i / (int(n) - 1) for i in range(int(n))]
     try:
         depths = [float(d) for d in text.split(",")]
     except ValueError:
-        raise ValueError(f"bad --depths {text!r}: give comma-separated fractions in [0, 1]") from None
+        raise ValueError(f"bad --depths {text!r}: give comma-separated fractions in [0, 1], or even:N") from None
     bad = [d for d in depths if not 0 <= d <= 1]
     if bad:
         raise ValueError(f"depth {bad[0]} is outside [0, 1] (0 = farthest from the question, 1 = just before it)")
@@ -293,11 +191,16 @@ def parse_args(argv):
                         "counts (8192) (default: 1x,4x,16x,64x)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="needle depths in [0, 1]: 0 = right after the prefix (farthest from the question), "
-                        "1 = just before the question (default: 0,0.25,0.5,0.75,1)")
+                        "1 = just before the question; even:N = N depths evenly spaced (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=int, default=5,
                    help="samples per (length, depth) cell; for loss, windows per length (default: 5)")
     p.add_argument("--seed", type=int, default=1337, help="random seed of keys, cities and windows (default: 1337)")
     p.add_argument("--digits", type=int, default=5, help="passkey digits (default: 5)")
+    p.add_argument("--prefix-digits", type=int, default=0,
+                   help="passkey: the question gives the key's first N digits and only the rest is scored (default: 0)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop the sweep after N lengths in a row at 0 accuracy; the longer ones are skipped "
+                        "(0: never; default: 0)")
     p.add_argument("--needles", type=int, default=3, help="niah: needles per prompt (default: 3)")
     p.add_argument("--haystack", help="niah: a text file to cut the haystack from (default: the passkey filler)")
     p.add_argument("--data", help="loss: a prepared dataset folder with val_*.bin and meta.json "
@@ -320,6 +223,10 @@ def parse_args(argv):
     for name in ("samples", "digits", "needles", "attn_block", "loss_chunk"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 <= args.prefix_digits < args.digits:
+        p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
+    if args.patience < 0:
+        p.error("--patience must be 0 (off) or more")
     if args.needles > len(CITIES):
         p.error(f"--needles must be at most {len(CITIES)} (the number of cities)")
     if args.device == "auto":
@@ -352,10 +259,11 @@ def print_grid(grid, lengths, name):
         print(depth.ljust(8) + "".join(f"{row[label]:>16.2f}" for label, _ in lengths))
 
 
-def print_losses(summary):
+def print_losses(summary, masked):
     """Loss table: one row per length, the mean and one column per position bucket."""
     names = list(max((s["buckets"] for s in summary), key=len))
-    print("\nvalidation loss, columns: all positions, then position buckets")
+    scored = "the tokens the dataset's loss mask counts (answers)" if masked else "all positions"
+    print(f"\nvalidation loss on {scored}; columns: all of them, then by position bucket")
     print("length".ljust(18) + f"{'all':>8}" + "".join(f"{b:>16}" for b in names))
     for s in summary:
         cells = "".join(f"{s['buckets'][b]:>16.3f}" if b in s["buckets"] else " " * 16 for b in names)
@@ -398,16 +306,22 @@ def build_cells(model, enc, lengths, depths, args):
             for i in range(args.samples):
                 rng = random.Random(f"{args.seed}/{n}/{depth}/{i}")
                 cells.setdefault((label, n), []).append(
-                    passkey_sample(enc, n, depth, args.digits, rng) if args.task == "passkey"
+                    passkey_sample(enc, n, depth, args.digits, rng, args.prefix_digits) if args.task == "passkey"
                     else niah_sample(enc, n, depth, args.needles, haystack, rng))
     if max(int(s["tokens"].max()) for samples in cells.values() for s in samples) >= model.config.vocab_size:
         raise ValueError(f"the tokenizer gives ids >= the model's vocab_size {model.config.vocab_size}")
     return cells
 
 
-def score_cells(model, enc, cells, device, ctx):
-    results = []
+def score_cells(model, enc, cells, device, ctx, patience=0):
+    """Score every prompt, shortest length first; with patience, stop after that many lengths in a
+    row where nothing was retrieved."""
+    results, misses = [], 0
     for (label, n), samples in cells.items():
+        if patience and misses >= patience:
+            print(f"{label}: skipped (--patience {patience}: {misses} lengths in a row at 0 accuracy)")
+            continue
+        scored = len(results)
         for sample in tqdm(samples, desc=f"{label} ({n} tokens)", unit="sample"):
             start = time.time()
             with ctx:
@@ -418,27 +332,32 @@ def score_cells(model, enc, cells, device, ctx):
                                 "depth": sample["depth"], "needle": k, "needle_depth": depth,
                                 "needle_at": sample["needle_at"][k], "key": sample["keys"][k],
                                 **verdict, "seconds": time.time() - start})
+        misses = 0 if any(r["correct"] for r in results[scored:]) else misses + 1
     return results
 
 
 def score_losses(model, lengths, files, sizes, args, device, ctx):
     """Per length: `samples` windows of L+1 tokens evenly spaced through the val split. Returns
-    every window's mean loss and, per length, the mean loss overall and per position bucket."""
+    every window's mean loss and, per length, the mean loss overall and per position bucket.
+    Where the dataset has loss masks (data/synthetic), only the tokens they count are scored."""
+    masks = [os.path.join(os.path.dirname(f), LOSS_MASK_DIR, os.path.basename(f)) for f in files]
+    masks = masks if all(os.path.exists(m) for m in masks) else None
     results, summary = [], []
     for label, n in lengths:
         starts = np.linspace(0, sum(sizes) - n - 1, args.samples).round().astype(int).tolist()
-        total = torch.zeros(n)
+        total, counted = torch.zeros(n), torch.zeros(n)
         for start in tqdm(starts, desc=f"{label} ({n} tokens)", unit="sample"):
             t0 = time.time()
             with ctx:
                 window = read_window(files, sizes, start, n + 1).to(device)
                 losses = position_losses(model, window, args.loss_chunk, args.doc_eot).cpu()
-            total += losses
-            results.append({"length": n, "label": label, "start": start, "loss": losses.mean().item(),
-                            "seconds": time.time() - t0})
-        mean = total / len(starts)
-        summary.append({"length": n, "label": label, "loss": mean.mean().item(),
-                        "buckets": {name: mean[a:b].mean().item()
+            weight = torch.ones(n) if masks is None else read_window(masks, sizes, start + 1, n).float()
+            total += losses * weight
+            counted += weight
+            results.append({"length": n, "label": label, "start": start, "seconds": time.time() - t0, "masked": masks is not None,
+                            "loss": ((losses * weight).sum() / weight.sum().clamp(min=1)).item()})
+        summary.append({"length": n, "label": label, "loss": (total.sum() / counted.sum().clamp(min=1)).item(),
+                        "buckets": {name: (total[a:b].sum() / counted[a:b].sum().clamp(min=1)).item()
                                     for name, a, b in buckets(n, model.config.block_size)}})
     return results, summary
 
@@ -475,7 +394,8 @@ def main(argv=None):
         if args.task == "loss":
             results, summary = score_losses(model, lengths, files, sizes, args, device, ctx)
         else:
-            results = score_cells(model, enc, cells, device, ctx)
+            results = score_cells(model, enc, cells, device, ctx, args.patience)
+            lengths = [(label, n) for label, n in lengths if any(r["length"] == n for r in results)]
             summary = accuracy_grid(results, lengths, depths)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     settings = dict(vars(args), dtype=dtype, block_size=block_size, attention=model.config.attention,
@@ -483,7 +403,7 @@ def main(argv=None):
     with open(out, "w") as f:
         json.dump({"settings": settings, "summary": summary, "results": results}, f, indent=1)
     if args.task == "loss":
-        print_losses(summary)
+        print_losses(summary, any(r["masked"] for r in results))
     else:
         print_grid(summary, lengths, args.task)
         save_heatmap(summary, lengths, depths, os.path.splitext(out)[0] + ".png",

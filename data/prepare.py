@@ -199,7 +199,7 @@ def parse_args(argv):
             p.add_argument("--shard-size", type=int, default=10**7, help="tokens per shard file (default: 10M)")
         return p
 
-    p = add("synthetic", "filler text with planted passkeys and facts, asked about at the end (data/synthetic.py)",
+    p = add("synthetic", "short passkey documents in the evaluation's format, loss on the answers (data/synthetic.py)",
             tokenizer="words")
     p.add_argument("--docs", type=int, default=30000, help="training documents (default: 30000, about 3M word tokens)")
     p.add_argument("--val-docs", type=int, default=500, help="validation documents (default: 500, about 50K word tokens)")

@@ -17,7 +17,7 @@ from data import prepare  # noqa: E402
 from data.loader import TokenLoader  # noqa: E402
 from data.shards import (HEADER_BYTES, ShardWriter, load_tokens, read_header, read_meta,  # noqa: E402
                          tokenizer_from_meta, write_meta, write_shard)
-from data.synthetic import PASSKEY_FILLER, PASSKEY_PREFIX, generate_documents  # noqa: E402
+from data.synthetic import PASSKEY_FILLER, PASSKEY_PREFIX, generate_documents, text_of  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 
 
@@ -167,21 +167,30 @@ def test_synthetic_documents():
     docs = list(generate_documents(300, seed=0))
     assert docs == list(generate_documents(300, seed=0))
     assert docs != list(generate_documents(300, seed=1))
-    text = "\n".join(docs)
-    keys = re.findall(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", text)
-    assert len(keys) > 50 and {len(k) for k in keys} == {3, 4, 5, 6, 7}
-    for key in keys:
-        assert f"What is the pass key? The pass key is {key}." in text
-    assert text.count(PASSKEY_PREFIX) == len(keys)
-    for city, n in re.findall(r"The special magic (\w+) number is (\d{7})\.", text)[:20]:
-        assert f"What is the special magic {city} number? The special magic {city} number is {n}." in text
-    assert " ".join(PASSKEY_FILLER) in text  # the eval's filler, joined by single spaces
-    assert re.search(r"What is \w+'s favourite number\? It is \d+\.", text)
-    lengths = [len(d) for d in docs]
-    assert min(lengths) < 300 and max(lengths) > 700
-    copies = re.findall(r"Here are the codes: ([a-z0-9 ]+)\. Once more, the codes are: \1\.", text)
-    assert len(copies) > 50
-    assert all("  " not in d for d in docs)
+    for doc in docs:
+        text = text_of(doc)
+        key = re.fullmatch(r"(.*) The pass key is (\d+)\. Remember it\. \2 is the pass key\.(.*) "
+                           r"What is the pass key\? The pass key is \2\.", text.replace(PASSKEY_PREFIX, "", 1))
+        assert text.startswith(PASSKEY_PREFIX) and key, text
+        assert [t for t, is_answer in doc if is_answer] == [key.group(2) + "."]  # only the final key is an answer
+        filler = (key.group(1) + key.group(3)).split()
+        assert " ".join(filler) in " ".join(PASSKEY_FILLER * 3)  # the eval's filler cycle, in order
+    assert {len(re.search(r"is (\d+)\.", text_of(d)).group(1)) for d in docs} == {3, 4, 5, 6, 7}
+    enc = get_tokenizer("words")
+    lengths = [len(enc.encode_ordinary(text_of(d))) + 1 for d in docs]
+    assert min(lengths) < 80 and max(lengths) <= 128  # every document fits a 128-token row
+
+
+def test_words_tokenizer():
+    enc = get_tokenizer("words")
+    text = "The pass key is 40917. Remember it."
+    ids = enc.encode_ordinary(text)
+    assert enc.decode(ids) == text and len(ids) == 4 + 5 + 1 + 3  # a token per word, digit and mark
+    assert all(i > 256 for i in ids) and enc.eot_token == 256
+    odd = "Zebra ✓ 12"  # unknown words fall back to bytes, and still round-trip
+    assert enc.decode(enc.encode_ordinary(odd)) == odd and max(enc.encode_ordinary(odd)[:5]) < 256
+    words = ["cat", "sat"]  # a dataset's recorded word list rebuilds the same ids
+    assert get_tokenizer("words", words=words).encode_ordinary("cat sat") == [257, 260]
 
 # -----------------------------------------------------------------------------
 # prepare.py
@@ -192,10 +201,11 @@ def test_prepare_synthetic_idempotent(tmp_path):
     result = run_script("synthetic", "--docs", 20, "--val-docs", 3, "--out", out)
     assert result.returncode == 0, result.stderr
     meta = read_meta(str(out))
-    assert meta["tokenizer"] == "bytes" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
+    assert meta["tokenizer"] == "words" and meta["train_tokens"] > 0 and meta["val_tokens"] > 0
     assert not os.path.exists(str(out) + ".partial")
     tokens = split_tokens(str(out), "val")
-    assert tokens[0] == 256 and tokenizer_from_meta(meta).decode(list(tokens[1:])).count("<|endoftext|>") == 2
+    text = tokenizer_from_meta(meta).decode(list(tokens))
+    assert text.startswith("<|endoftext|>There is") and text.count("What is the pass key?") == 3
     mtime = os.path.getmtime(out / "train_000000.bin")
     again = run_script("synthetic", "--docs", 20, "--val-docs", 3, "--out", out)
     assert again.returncode == 0 and f"{out} is already prepared (use --force to rebuild)" in again.stdout
@@ -220,6 +230,28 @@ def test_prepare_text(tmp_path):
     meta = read_meta(str(out2))
     assert meta["eot_token"] == 50256 and meta["ranks_file"] == ranks
     assert list(split_tokens(str(out2), "train")) == [50256] + tokenizer_from_meta(meta).encode_ordinary("first document")
+
+
+def test_prepare_synthetic_packs_rows_and_masks_the_answers(tmp_path):
+    out = tmp_path / "syn"
+    assert prepare.main(["synthetic", "--docs", "40", "--val-docs", "2", "--out", str(out)]) == 0
+    tokens = split_tokens(str(out), "train")
+    mask = np.asarray(load_tokens(str(out / "loss_mask" / "train_000000.bin")))
+    enc = tokenizer_from_meta(read_meta(str(out)))
+    assert len(mask) == len(tokens) and set(mask.tolist()) == {0, 1}
+    rows = tokens[:len(tokens) // 128 * 128].reshape(-1, 128)
+    assert (rows[:, 0] == enc.eot_token).all()  # every 128-token row starts with a document
+    counted = enc.decode(tokens[mask == 1].tolist()).split(".")[:-1]
+    keys = re.findall(r"The pass key is (\d+)\. Remember", enc.decode(tokens.tolist()))
+    assert [c.strip() for c in counted] == keys  # exactly the answered keys (and their full stops)
+    loader = TokenLoader(str(out), "train", 2, 128)
+    x, y = loader.next_batch()
+    assert ((y != -1) == mask[1:257].reshape(2, 128).astype(bool)).all()  # targets outside the mask: -1
+    plain = tmp_path / "plain"
+    assert prepare.main(["synthetic", "--docs", "40", "--val-docs", "2", "--loss-on", "all", "--pack", "0",
+                         "--out", str(plain)]) == 0
+    assert not (plain / "loss_mask").exists() and (split_tokens(str(plain), "train") != enc.eot_token).sum() == \
+        (tokens != enc.eot_token).sum()  # the same documents, without padding
 
 
 def test_prepare_shakespeare(tmp_path):

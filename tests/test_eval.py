@@ -16,6 +16,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import eval_extrapolate as E  # noqa: E402
+import retrieval as R  # noqa: E402
 from data.shards import write_meta, write_shard  # noqa: E402
 from data.tokenizer import get_tokenizer  # noqa: E402
 from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
@@ -63,7 +64,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("length", [400, 1000, 1001, 5000])
 @pytest.mark.parametrize("depth", [0, 0.5, 1])
 def test_passkey_prompt_is_the_papers_text(length, depth):
-    sample = E.passkey_sample(ENC, length, depth, 5, random.Random(length))
+    sample = R.passkey_sample(ENC, length, depth, 5, random.Random(length))
     tokens, key = sample["tokens"], sample["keys"][0]
     n_input = len(tokens) - 1  # the last answer token is a target only
     assert length - UNIT < n_input <= length
@@ -81,7 +82,7 @@ def test_needle_position_at_depth():
     head = 1 + len(PAPERS_PREFIX)
     question = len(" What is the pass key? The pass key is")
     needle = len(" The pass key is 12345. Remember it. 12345 is the pass key.")
-    at = {d: E.passkey_sample(ENC, 2000, d, 5, random.Random(0)) for d in (0, 0.5, 1)}
+    at = {d: R.passkey_sample(ENC, 2000, d, 5, random.Random(0)) for d in (0, 0.5, 1)}
     n_units = (len(at[0]["tokens"]) - head - needle - question - 6) // UNIT
     assert at[0]["needle_at"] == [head]  # right after the prefix: farthest from the question
     assert at[1]["needle_at"] == [head + n_units * UNIT]  # right before the question
@@ -90,7 +91,7 @@ def test_needle_position_at_depth():
 
 
 def test_niah_prompt():
-    sample = E.niah_sample(ENC, 3000, 0.25, 3, None, random.Random(0))
+    sample = R.niah_sample(ENC, 3000, 0.25, 3, None, random.Random(0))
     text = ENC.decode(sample["tokens"][1:].tolist())
     assert sample["needle_depths"] == [0.25, 0.25 + 1 / 3, 0.25 + 2 / 3]
     assert len(set(sample["cities"])) == 3 and all(len(n) == 7 for n in sample["keys"])
@@ -105,10 +106,10 @@ def test_niah_prompt():
 
 def test_niah_haystack_file_is_cut_at_token_level():
     haystack = np.array(ENC.encode_ordinary("abcdefghij" * 100), dtype=np.int64)
-    sample = E.niah_sample(ENC, 900, 0.0, 2, haystack, random.Random(0))
+    sample = R.niah_sample(ENC, 900, 0.0, 2, haystack, random.Random(0))
     assert len(sample["tokens"]) - 1 == 900  # single-token units: the length is exact
     with pytest.raises(ValueError, match="haystack file has 1000 tokens"):
-        E.niah_sample(ENC, 5000, 0.0, 2, haystack, random.Random(0))
+        R.niah_sample(ENC, 5000, 0.0, 2, haystack, random.Random(0))
 
 # -----------------------------------------------------------------------------
 # scoring
@@ -139,15 +140,15 @@ class Uniform(nn.Module):
 
 def test_oracle_scores_all_and_uniform_none():
     for depth in (0, 0.5, 1):
-        sample = E.passkey_sample(ENC, 1500, depth, 5, random.Random(7))
-        assert all(r["correct"] for r in E.judge(E.answer_logits(Oracle(sample), sample), sample, ENC))
-        [wrong] = E.judge(E.answer_logits(Uniform(), sample), sample, ENC)
+        sample = R.passkey_sample(ENC, 1500, depth, 5, random.Random(7))
+        assert all(r["correct"] for r in R.judge(R.answer_logits(Oracle(sample), sample), sample, ENC))
+        [wrong] = R.judge(R.answer_logits(Uniform(), sample), sample, ENC)
         assert not wrong["correct"] and wrong["predicted"] == "\x00" * 6  # argmax ties pick id 0
-    sample = E.niah_sample(ENC, 1500, 0.5, 3, None, random.Random(7))
-    assert [r["correct"] for r in E.judge(E.answer_logits(Oracle(sample), sample), sample, ENC)] == [True] * 3
-    assert [r["correct"] for r in E.judge(E.answer_logits(Uniform(), sample), sample, ENC)] == [False] * 3
+    sample = R.niah_sample(ENC, 1500, 0.5, 3, None, random.Random(7))
+    assert [r["correct"] for r in R.judge(R.answer_logits(Oracle(sample), sample), sample, ENC)] == [True] * 3
+    assert [r["correct"] for r in R.judge(R.answer_logits(Uniform(), sample), sample, ENC)] == [False] * 3
     # each needle is scored on its own
-    partial = E.judge(E.answer_logits(Oracle(sample, only_first=True), sample), sample, ENC)
+    partial = R.judge(R.answer_logits(Oracle(sample, only_first=True), sample), sample, ENC)
     assert [r["correct"] for r in partial] == [True, False, False]
     assert partial[0]["predicted"] == " " + sample["keys"][0]
 
@@ -158,13 +159,13 @@ def test_oracle_scores_all_and_uniform_none():
 def engine_outputs(model, sample, window, engine):
     model.config.engine, model.config.attn_block = engine, 256
     with torch.no_grad():
-        return E.answer_logits(model, sample), E.position_losses(model, window, chunk=300)
+        return R.answer_logits(model, sample), E.position_losses(model, window, chunk=300)
 
 
 @pytest.mark.parametrize("attention", ["bam", "scaleinv"])
 def test_engines_agree_at_length(attention):
     model = tiny_model(attention)
-    sample = E.niah_sample(ENC, 1500, 0.0, 2, None, random.Random(0))
+    sample = R.niah_sample(ENC, 1500, 0.0, 2, None, random.Random(0))
     window = torch.randint(0, 257, (1201,), generator=torch.Generator().manual_seed(0))
     ref_logits, ref_losses = engine_outputs(model, sample, window, "sdpa")
     assert ref_losses.shape == (1200,)
@@ -206,15 +207,16 @@ def test_32k_forward_memory_is_bounded():
 import random, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
 import eval_extrapolate as E
+import retrieval as R
 from model import GPT, GPTConfig
 from data.tokenizer import get_tokenizer
 torch.set_num_threads(1)
 model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=320, block_size=128, attention="alibi",
                       engine="chunked", attn_block=256)).eval()
-sample = E.passkey_sample(get_tokenizer("bytes"), 32768, 0.0, 5, random.Random(0))
+sample = R.passkey_sample(get_tokenizer("bytes"), 32768, 0.0, 5, random.Random(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.no_grad():
-    E.answer_logits(model, sample)
+    R.answer_logits(model, sample)
 growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
 print(len(sample["tokens"]) - 1, growth, E.estimate_memory(model, 32768, "chunked", torch.device("cpu"))[0])
 """
@@ -259,14 +261,15 @@ def test_parse_lengths_and_depths():
         with pytest.raises(ValueError, match="bad length"):
             E.parse_lengths(bad, 128)
     assert E.parse_depths("0,0.25,1") == [0.0, 0.25, 1.0]
-    for bad in ("1.5", "-0.1", "x"):
+    assert E.parse_depths("even:5") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    for bad in ("1.5", "-0.1", "x", "even:1", "even:x"):
         with pytest.raises(ValueError, match="depth"):
             E.parse_depths(bad)
 
 
 def test_prompt_errors():
     with pytest.raises(ValueError, match="too short for the prompt: the minimum is"):
-        E.passkey_sample(ENC, 200, 0.5, 5, random.Random(0))
+        R.passkey_sample(ENC, 200, 0.5, 5, random.Random(0))
 
     class Lowercase:  # a tokenizer that loses capitals
         name, eot_token = "lowercase", 256
@@ -278,7 +281,7 @@ def test_prompt_errors():
             return bytes(tokens).decode()
 
     with pytest.raises(ValueError, match="cannot encode"):
-        E.passkey_sample(Lowercase(), 1000, 0.5, 5, random.Random(0))
+        R.passkey_sample(Lowercase(), 1000, 0.5, 5, random.Random(0))
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path):
@@ -333,7 +336,7 @@ def test_passkey_run_writes_table_and_json(tmp_path, capsys):
     assert "passkey accuracy" in out and "4x (512)" in out and "1000 (1000)" in out
     try:
         import matplotlib  # noqa: F401
-        assert (tmp_path / "eval_passkey.png").exists()
+        assert (tmp_path / "eval_passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     except ImportError:
         assert "heatmap skipped: matplotlib is not installed" in out
     result = json.loads((tmp_path / "eval_passkey.json").read_text())
@@ -343,6 +346,27 @@ def test_passkey_run_writes_table_and_json(tmp_path, capsys):
     assert {"length", "actual_length", "depth", "key", "predicted", "correct"} <= set(first)
     assert first["length"] == 512 and 512 - UNIT < first["actual_length"] <= 512
     assert result["settings"]["task"] == "passkey"
+
+
+def test_prefix_digits_leave_only_the_rest_to_answer():
+    full = R.passkey_sample(ENC, 500, 0.5, 5, random.Random(3))
+    given = R.passkey_sample(ENC, 500, 0.5, 5, random.Random(3), prefix_digits=2)
+    key = full["keys"][0]
+    (a, b), = given["answers"]
+    assert given["keys"] == [key] and ENC.decode(given["tokens"][a:b].tolist()) == key[2:]
+    assert ENC.decode(given["tokens"][:a].tolist()).endswith("What is the pass key? The pass key is " + key[:2])
+    assert len(given["tokens"]) == len(full["tokens"])
+
+
+def test_patience_stops_the_sweep_after_lengths_at_zero(tmp_path, capsys):
+    ckpt = save_tiny(tmp_path / "ckpt.pt")  # untrained: 0 accuracy everywhere
+    assert E.main(["--ckpt", ckpt, "--lengths", "4x,5x,6x,7x", "--depths", "0.5", "--samples", "1",
+                   "--patience", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "6x: skipped" in out and "7x: skipped" in out
+    result = json.loads((tmp_path / "eval_passkey.json").read_text())
+    assert sorted({r["label"] for r in result["results"]}) == ["4x", "5x"]
+    assert "6x" not in result["summary"]["all"]
 
 
 def test_niah_run(tmp_path, capsys):
@@ -376,3 +400,21 @@ def test_loss_task(tmp_path, capsys):
     assert "validation loss" in capsys.readouterr().out
     assert E.main(["--ckpt", ckpt, "--task", "loss", "--lengths", "10000"]) == 2
     assert f"has {len(tokens)} tokens; length 10000 needs 10001" in capsys.readouterr().err
+
+
+def test_loss_task_scores_only_the_masked_tokens(tmp_path, capsys):
+    data = tmp_path / "data"
+    (data / "loss_mask").mkdir(parents=True)
+    tokens = np.array(ENC.encode_ordinary(" ".join([PAPERS_FILLER] * 10)), dtype=np.int64)[:400]
+    mask = np.zeros(400, dtype=np.int64)
+    mask[50:60] = mask[300:301] = 1
+    write_shard(str(data / "val_000000.bin"), tokens)
+    write_shard(str(data / "loss_mask" / "val_000000.bin"), mask)
+    write_meta(str(data), tokenizer="bytes", vocab_size=257, eot_token=256)
+    ckpt = save_tiny(tmp_path / "ckpt.pt", train_config={"data": str(data)})
+    assert E.main(["--ckpt", ckpt, "--task", "loss", "--lengths", "399", "--samples", "1"]) == 0
+    assert "loss mask counts" in capsys.readouterr().out
+    with torch.no_grad():
+        losses = E.position_losses(tiny_model(), torch.from_numpy(tokens))
+    expected = losses[torch.from_numpy(mask[1:]).bool()].mean().item()  # position i predicts token i + 1
+    assert abs(json.loads((tmp_path / "eval_loss.json").read_text())["summary"][0]["loss"] - expected) < 1e-5

@@ -46,7 +46,7 @@ def test_trains_logs_and_checkpoints(data_dir, tmp_path):
     assert len(losses) == 6 and all(loss > 0 for loss in losses)
     assert any("val_loss" in r for r in records)
     model, checkpoint = load_checkpoint(str(tmp_path / "last.pt"))
-    assert checkpoint["step"] == 6 and checkpoint["meta"]["tokenizer"] == "bytes"
+    assert checkpoint["step"] == 6 and checkpoint["meta"]["tokenizer"] == "words"
     assert model.config.attention == "scaleinv" and model.config.rope == "partial"
     assert not any(k.startswith("_orig_mod") for k in checkpoint["model"])
 
