@@ -40,7 +40,7 @@ def test_causal_and_document_isolation(name, engine):
     assert not torch.allclose(changed[:, 20:], base[:, 20:], atol=1e-3)
 
     other_doc = idx.clone()
-    other_doc[:, 5] = (other_doc[:, 5] + 1) % 63 + 1  # a token of document 1
+    other_doc[:, [5, 11]] = (other_doc[:, [5, 11]] + 1) % 63 + 1  # tokens of document 1, one just before document 2
     changed = all_logits(model, other_doc, document_ids(other_doc, EOT))
     assert torch.allclose(changed[:, 12:], base[:, 12:], atol=1e-5)
     without_mask = all_logits(model, other_doc)  # no document ids: the change is seen
