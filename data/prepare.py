@@ -148,6 +148,8 @@ def tokenize_files(files, folder, args):
 
 
 def synthetic(args, folder):
+    if args.pack < 0:
+        raise ValueError(f"--pack must be 0 (no packing) or a row length in tokens, got {args.pack}")
     n = args.val_docs + args.docs  # one stream: the first val_docs documents are val
     docs = (("val" if i < args.val_docs else "train", d if args.loss_on == "answers" else text_of(d))
             for i, d in enumerate(generate_documents(n, args.seed)))
