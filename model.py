@@ -103,7 +103,6 @@ class CausalSelfAttention(nn.Module):
                    engine=engine, block=self.config.attn_block, block_mask=block_mask)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
-
     @staticmethod
     def offset_keys(k, doc, cache):
         """The second half of each head's key dimensions taken from the previous token (a partial
@@ -152,8 +151,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         if config.prev_tokens:
-            self.prev_weight = nn.Parameter(F.one_hot(torch.tensor(0), config.prev_tokens + 1).float()[:, None]
-                                            .repeat(1, config.n_embd))  # (K + 1, C): w_0 = 1, w_k = 0
+            weight = torch.zeros(config.prev_tokens + 1, config.n_embd)  # (K + 1, C)
+            weight[0] = 1  # w_0 = 1, w_k = 0: at init each token is its plain embedding
+            self.prev_weight = nn.Parameter(weight)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -169,8 +169,6 @@ class GPT(nn.Module):
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
