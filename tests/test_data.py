@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from data import prepare  # noqa: E402
-from data.loader import TokenLoader  # noqa: E402
-from data.shards import (HEADER_BYTES, ShardWriter, load_tokens, read_header, read_meta,  # noqa: E402
+from data import prepare
+from data.loader import TokenLoader
+from data.shards import (HEADER_BYTES, ShardWriter, load_tokens, read_header, read_meta,
                          tokenizer_from_meta, write_meta, write_shard)
-from data.synthetic import PASSKEY_FILLER, PASSKEY_PREFIX, generate_documents, text_of  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
+from data.synthetic import PASSKEY_FILLER, PASSKEY_PREFIX, generate_documents, text_of
+from data.tokenizer import get_tokenizer
 
 
 def run_script(*args):

@@ -14,12 +14,11 @@ import torch
 import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import eval_extrapolate as E  # noqa: E402
-import retrieval as R  # noqa: E402
-from data.shards import write_meta, write_shard  # noqa: E402
-from data.tokenizer import get_tokenizer  # noqa: E402
-from model import GPT, GPTConfig, save_checkpoint  # noqa: E402
+import eval_extrapolate as E
+import retrieval as R
+from data.shards import write_meta, write_shard
+from data.tokenizer import get_tokenizer
+from model import GPT, GPTConfig, save_checkpoint
 
 ENC = get_tokenizer("bytes")  # one token per byte: token positions are character positions (+1 for the EOT)
 # docs/papers.md, verbatim

@@ -63,26 +63,30 @@ def test_resume_is_bit_for_bit(data_dir, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(data_dir, tmp_path, monkeypatch):
+def test_ctrl_c_saves_and_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    """No regular save before the interrupt (--eval-interval 100): last.pt can only come from
+    the Ctrl-C handler, and it must hold the step boundary before the interrupted step."""
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_train(data_dir, straight, "--max-steps", "5")
+    run_train(data_dir, straight, "--max-steps", "6", "--eval-interval", "100")
     original = train.TokenLoader.next_batch
     calls = {"n": 0}
 
     def next_batch_then_interrupt(self):
         if "train_" in os.path.basename(self.files[0]):
             calls["n"] += 1
-            if calls["n"] == 4:  # during step 3
+            if calls["n"] == 5:  # during step 4, after steps 0..3
                 raise KeyboardInterrupt
         return original(self)
 
     monkeypatch.setattr(train.TokenLoader, "next_batch", next_batch_then_interrupt)
+    capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_train(data_dir, interrupted, "--max-steps", "5")
+        run_train(data_dir, interrupted, "--max-steps", "6", "--eval-interval", "100")
     assert e.value.code == 130
-    assert state(interrupted / "last.pt")["step"] == 3
+    assert "interrupted at step 4; saved" in capsys.readouterr().out
+    assert state(interrupted / "last.pt")["step"] == 4
     monkeypatch.setattr(train.TokenLoader, "next_batch", original)
-    run_train(data_dir, interrupted, "--max-steps", "5", "--resume")
+    run_train(data_dir, interrupted, "--max-steps", "6", "--eval-interval", "100", "--resume")
     a, b = state(straight / "last.pt")["model"], state(interrupted / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
