@@ -8,7 +8,8 @@ import torch
 import sample
 import train
 from data import prepare
-from model import load_checkpoint, save_checkpoint
+from data.shards import tokenizer_from_meta
+from model import GPT, load_checkpoint, save_checkpoint
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
         "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--warmup-steps", "2"]
@@ -143,15 +144,31 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     assert "trained with attention='bam', not 'alibi'" in err
 
 
-def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, capsys):
+def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, capsys, monkeypatch):
+    """The prompt reaches the model in the checkpoint's tokenizer (words, not bytes); with the
+    cache each new token is one forward of one token, with --no-cache the whole sequence; both
+    print the same greedy text, which is the words tokenizer's decoding of the generated ids."""
     run_train(data_dir, tmp_path, "--max-steps", "2")
+    enc = tokenizer_from_meta(state(tmp_path / "last.pt")["meta"])
+    prompt = enc.encode_ordinary("The pass key is")
+    assert len(prompt) == 4  # one token per word: bytes would give 15
+    inputs, generated = [], []
+    forward, generate = GPT.forward, GPT.generate
+    monkeypatch.setattr(GPT, "forward", lambda self, idx, *a, **kw: inputs.append(idx[0].tolist()) or
+                        forward(self, idx, *a, **kw))
+    monkeypatch.setattr(GPT, "generate", lambda self, *a, **kw: generated.append(generate(self, *a, **kw)) or
+                        generated[-1])
     capsys.readouterr()
     args = ["--ckpt", str(tmp_path / "last.pt"), "--max-new-tokens", "12", "--num-samples", "2", "--temperature", "0"]
     sample.main(args + ["--prompt", "The pass key is"])
     cached = capsys.readouterr().out
-    sample.main(args + ["--prompt", "The pass key is", "--no-cache"])
-    assert capsys.readouterr().out == cached
+    assert inputs[0] == prompt and [len(x) for x in inputs] == ([4] + [1] * 11) * 2
     assert cached.count("The pass key is") == 2 and "--- sample 2 ---" in cached
+    assert enc.decode(generated[0][0].tolist()) in cached
+    inputs.clear()
+    sample.main(args + ["--prompt", "The pass key is", "--no-cache"])
+    assert [len(x) for x in inputs] == list(range(4, 16)) * 2
+    assert capsys.readouterr().out == cached
     assert "no checkpoint" in error_of(capsys, sample.main, ["--ckpt", str(tmp_path / "nope.pt")])
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
