@@ -69,6 +69,7 @@ def fail(message):
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      argument_default=argparse.SUPPRESS)
+    parser.error = lambda message: fail(f"{message}; see python train.py --help")  # not the 20-line usage
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with _ for -)")
     for group_name, config_fields in (("training", fields(TrainConfig)), ("model", MODEL_FLAGS)):
         group = parser.add_argument_group(group_name)

@@ -31,8 +31,9 @@ def error_of(capsys, fn, *args):
         fn(*args)
     err = capsys.readouterr().err
     assert e.value.code == 2, err
-    assert "Traceback" not in err
-    return err
+    lines = [line for line in err.splitlines() if line.strip() and not line.strip().startswith("train:")]  # no bar
+    assert len(lines) == 1 and lines[0].startswith("error: "), err  # one line: no usage, no traceback
+    return lines[0]
 
 
 def state(path):
