@@ -283,14 +283,21 @@ def main(argv=None):
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for _ in range(config.grad_accum):
-                x, y = (torch.from_numpy(a).to(device) for a in train_loader.next_batch())
+            # the step's loss is the mean over the counted targets of all its micro-batches (a loss
+            # mask counts a different number in each): each micro-batch's mean is weighted by its share
+            batches = [train_loader.next_batch() for _ in range(config.grad_accum)]
+            counts = [int((y != -1).sum()) for _, y in batches]
+            step_loss = 0.0
+            for (x, y), count in zip(batches, counts):
+                x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
                 with autocast:
                     _, loss = model(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
-                (loss / config.grad_accum).backward()
+                loss = loss * (count / max(1, sum(counts)))
+                loss.backward()
+                step_loss += loss.detach()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-            loss_value = loss.item()
+            loss_value = step_loss.item()
             if not math.isfinite(loss_value):
                 bar.close()
                 fail(f"loss became {loss_value} at step {step}; stopping without saving. The last good "

@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on a tiny synthetic dataset (CPU)."""
 import json
+import math
 import os
 
 import pytest
@@ -51,6 +52,54 @@ def test_trains_logs_and_checkpoints(data_dir, tmp_path):
     assert checkpoint["step"] == 6 and checkpoint["meta"]["tokenizer"] == "words"
     assert model.config.attention == "scaleinv" and model.config.rope == "partial"
     assert not any(k.startswith("_orig_mod") for k in checkpoint["model"])
+
+
+def test_learning_rate_schedule():
+    """Linear warmup to --lr, then a cosine to --min-lr-ratio * --lr at --lr-decay-steps (default:
+    --max-steps), flat after it."""
+    def cosine(step, start, end, low):
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * (step - start) / (end - start)))
+    config = train.TrainConfig(lr=2.0, warmup_steps=4, max_steps=20, min_lr_ratio=0.1)
+    got = [train.learning_rate(step, config) for step in range(25)]
+    assert got[:4] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert got[4:] == pytest.approx([2 * cosine(s, 4, 20, 0.1) for s in range(4, 21)] + [0.2] * 4)
+    assert got[12] == pytest.approx(2 * 0.55)  # half-way down the cosine
+    config = train.TrainConfig(lr=2.0, warmup_steps=0, max_steps=20, min_lr_ratio=0.5, lr_decay_steps=10)
+    got = [train.learning_rate(step, config) for step in range(20)]
+    assert got == pytest.approx([2 * cosine(s, 0, 10, 0.5) for s in range(10)] + [1.0] * 10)
+
+
+def test_training_uses_the_schedule(data_dir, tmp_path):
+    run_train(data_dir, tmp_path, "--max-steps", "6", "--lr", "0.01", "--min-lr-ratio", "0.5", "--lr-decay-steps", "4")
+    logged = [r["lr"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "lr" in r]
+    config = train.TrainConfig(lr=0.01, warmup_steps=2, max_steps=6, min_lr_ratio=0.5, lr_decay_steps=4)
+    assert logged == pytest.approx([train.learning_rate(step, config) for step in range(6)])
+    assert logged == pytest.approx([0.005, 0.01, 0.01, 0.0075, 0.005, 0.005])
+
+
+def first_step_gradients(monkeypatch, data_dir, out_dir, *flags):
+    """The gradients the optimizer sees at step 0 (after accumulation and clipping)."""
+    grads, step = [], torch.optim.AdamW.step
+
+    def record_then_step(self, *args, **kwargs):
+        if not grads:
+            grads.extend(p.grad.clone() for group in self.param_groups for p in group["params"])
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", record_then_step)
+    run_train(data_dir, out_dir, "--max-steps", "1", *flags)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    return grads
+
+
+def test_grad_accum_equals_the_large_batch(data_dir, tmp_path, monkeypatch):
+    """Two micro-batches of 4 give the gradient of one batch of 8 (the same rows), even though the
+    loss mask (answers only) counts a different number of targets in each micro-batch."""
+    large = first_step_gradients(monkeypatch, data_dir, tmp_path / "large", "--batch-size", "8")
+    accumulated = first_step_gradients(monkeypatch, data_dir, tmp_path / "accum", "--batch-size", "4",
+                                       "--grad-accum", "2")
+    assert len(large) == len(accumulated) > 0
+    for a, b in zip(large, accumulated):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
 
 
 def test_resume_is_bit_for_bit(data_dir, tmp_path):
