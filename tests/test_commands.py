@@ -9,9 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_pytest_finds_the_modules_from_any_folder():
-    # `python -m pytest` run inside tests/ puts tests/ on the path, not the root: as plain `pytest`
-    for cwd, target in ((os.path.join(ROOT, "tests"), "test_attention.py"), (ROOT, "tests/test_attention.py")):
-        proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                               target], cwd=cwd, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout[-2000:]
-        assert "test_engines_agree_with_float64_reference" in proc.stdout
+    # `python -m pytest` run inside tests/ puts tests/ on the path, not the root: as plain `pytest` does
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "test_attention.py"], cwd=os.path.join(ROOT, "tests"), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "test_engines_agree_with_float64_reference" in proc.stdout
