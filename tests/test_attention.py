@@ -19,20 +19,23 @@ def variant(name, n_head=4, **overrides):
 # ---------------------------------------------------------------- formulas (papers.md), float64
 
 def reference_logit(name, S, h, i, j, H, n_i=None, alpha=None, beta=None, s_h=None, tau=10.0):
-    """Direct float64 computation of one logit from papers.md."""
-    t = i - j
+    """papers.md's logit in float64, for query i and key j <= i; scalars or broadcastable tensors
+    (alpha, beta and s_h per head). Written from the paper, sharing nothing with attention.py."""
+    S, h, t = (torch.as_tensor(x, dtype=torch.float64) for x in (S, h, i - j))
+    t = t.clamp(min=0)  # the causal part; the caller masks j > i
     if name == "nope":
         L = S
     elif name == "alibi":
         L = S - 2 ** (-8 * (h + 1) / H) * t
     elif name == "bam":
-        L = S - math.exp(alpha) * (abs(t - 0.0) + 1e-5) ** beta
+        alpha, beta = (torch.as_tensor(x, dtype=torch.float64) for x in (alpha, beta))
+        L = S - torch.exp(alpha) * ((t - 0.0).abs() + 1e-5) ** beta
     elif name == "scaleinv":
-        a = math.sqrt(2 * math.log(t / tau + 1) + 1)
-        m = -2 * math.log(t / tau + 1)
+        a = torch.sqrt(2 * torch.log(t / tau + 1) + 1)
+        m = -2 * torch.log(t / tau + 1)
         L = a * S + m
     if s_h is not None:
-        L = L * s_h * math.log(n_i)
+        L = L * torch.as_tensor(s_h, dtype=torch.float64) * torch.log(torch.as_tensor(n_i, dtype=torch.float64))
     return L
 
 
@@ -53,7 +56,7 @@ def test_fixed_variants_match_papers(name):
         S = 0.37 * (h + 1) - 0.01 * j
         got = code_logit(v, S, h, i, j, n=4001)
         want = reference_logit(name, S, h, i, j, H=4)
-        assert got == pytest.approx(want, rel=1e-6, abs=1e-6), (h, i, j)
+        assert got == pytest.approx(want.item(), rel=1e-6, abs=1e-6), (h, i, j)
 
 
 def test_scaleinv_boundary_and_large_t():
@@ -65,7 +68,7 @@ def test_scaleinv_boundary_and_large_t():
     assert tables["m"][t].item() == pytest.approx(-2 * math.log(t / 10 + 1), rel=1e-6)
     v_tau = variant("scaleinv", scaleinv_tau=3.0)
     assert code_logit(v_tau, 1.5, 0, 50, 20, n=51) == pytest.approx(
-        reference_logit("scaleinv", 1.5, 0, 50, 20, H=4, tau=3.0), rel=1e-6)
+        reference_logit("scaleinv", 1.5, 0, 50, 20, H=4, tau=3.0).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("beta", [1.0, 0.4, -0.3, -0.9])
@@ -77,7 +80,7 @@ def test_bam_prior_matches_papers(beta):
     for h, i, j in POINTS:
         got = code_logit(v, 0.8, h, i, j, n=4001)
         want = reference_logit("bam", 0.8, h, i, j, H=4, alpha=v.theta_alpha[h].item(), beta=beta)
-        assert got == pytest.approx(want, rel=1e-5), (h, i, j)
+        assert got == pytest.approx(want.item(), rel=1e-5), (h, i, j)
 
 
 def test_bam_init_is_alibi():
@@ -96,7 +99,7 @@ def test_bam_with_ssmax_matches_papers():
         got = code_logit(v, 0.8, h, i, j, n=4001, ssmax=ssmax)
         want = reference_logit("bam", 0.8, h, i, j, H=4, alpha=v.theta_alpha[h].item(),
                                beta=v.theta_beta[h].item(), s_h=s[h].item(), n_i=i + 1)
-        assert got == pytest.approx(want, rel=1e-5, abs=1e-9), (h, i, j)
+        assert got == pytest.approx(want.item(), rel=1e-5, abs=1e-9), (h, i, j)
 
 
 def test_ssmax_counts_keys_inside_the_document():
@@ -123,18 +126,37 @@ def test_prope_rotates_only_the_highest_frequencies():
 
 # ---------------------------------------------------------------- engines agree
 
-def reference_attention(q, k, v, var, ssmax, doc):
-    """Float64 attention over the whole T x T matrix, logits from the float64 score function."""
+SSMAX_SCALE = [1.2, 0.8]  # s_h of the random cases' two heads
+
+
+def papers_logits(name, var, use_ssmax, doc):
+    """logits(S, h, i, j) of one variant from papers.md, with var's learned parameters and, if
+    use_ssmax, SSMax's s_h log n_i, n_i counted here: the keys query i sees in its document."""
+    params = {}
+    if name == "bam":
+        params = dict(alpha=var.theta_alpha.detach().double().view(1, -1, 1, 1),
+                      beta=var.theta_beta.detach().double().view(1, -1, 1, 1))
+
+    def logits(S, h, i, j):
+        H, T = S.shape[1], S.shape[-1]
+        if use_ssmax:
+            same_doc = torch.ones(1, T, T, dtype=torch.bool) if doc is None else doc[:, :, None] == doc[:, None, :]
+            n_i = (same_doc & torch.ones(T, T, dtype=torch.bool).tril()).sum(-1)[:, None, :, None]
+            params.update(n_i=n_i, s_h=torch.tensor(SSMAX_SCALE, dtype=torch.float64).view(1, -1, 1, 1))
+        return reference_logit(name, S, h, i, j, H, **params)
+    return logits
+
+
+def reference_attention(q, k, v, logits, doc):
+    """Float64 softmax attention over the whole T x T matrix, causal and inside documents."""
     B, H, T, D = q.shape
-    tables = {key: t.double() for key, t in var.tables(T, "cpu").items()}
-    score_mod = make_score_mod(var, tables, None if ssmax is None else ssmax.double(), 0)
     b, h = torch.arange(B).view(B, 1, 1, 1), torch.arange(H).view(1, H, 1, 1)
     i, j = torch.arange(T).view(1, 1, T, 1), torch.arange(T).view(1, 1, 1, T)
     S = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
     mask = i >= j
     if doc is not None:
         mask = mask & (doc[b, i] == doc[b, j])
-    L = torch.where(mask, score_mod(S, b, h, i, j), float("-inf"))
+    L = torch.where(mask, logits(S, h, i, j), float("-inf"))
     return torch.softmax(L, dim=-1) @ v.double()
 
 
@@ -145,8 +167,7 @@ def random_case(name, T, use_ssmax, use_doc, B=2, H=2, D=16):
             var.theta_beta.copy_(torch.tensor([0.7, -0.4]))  # a local and a retrieval head
     q, k, v = (torch.randn(B, H, T, D) for _ in range(3))
     doc = torch.sort(torch.randint(0, 3, (B, T)), dim=1).values if use_doc else None
-    scale = torch.tensor([1.2, 0.8])
-    ssmax = ssmax_factor(scale, B, T, 0, doc) if use_ssmax else None
+    ssmax = ssmax_factor(torch.tensor(SSMAX_SCALE), B, T, 0, doc) if use_ssmax else None
     return var, q, k, v, ssmax, doc
 
 
@@ -156,7 +177,7 @@ def random_case(name, T, use_ssmax, use_doc, B=2, H=2, D=16):
 def test_engines_agree_with_float64_reference(name, use_ssmax, use_doc):
     for T in (1, 37, 130, 1000):
         var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
-        want = reference_attention(q, k, v, var, ssmax, doc)
+        want = reference_attention(q, k, v, papers_logits(name, var, use_ssmax, doc), doc)
         tables = var.tables(T, "cpu")
         for engine in ENGINES:
             with torch.no_grad():
@@ -174,7 +195,7 @@ def test_training_engines_agree_on_gradients(name):
     for engine in ("sdpa", "chunked"):
         torch.manual_seed(1)
         var, q, k, v, _, doc = random_case(name, T, False, True)
-        scale = torch.tensor([1.2, 0.8], requires_grad=True)
+        scale = torch.tensor(SSMAX_SCALE, requires_grad=True)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         ssmax = ssmax_factor(scale, B, T, 0, doc)
         out = attend(q, k, v, var, var.tables(T, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=48)
@@ -238,7 +259,9 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
     monkeypatch.setitem(VARIANTS, "cauchy", Cauchy)
     var, q, k, v, ssmax, doc = random_case("nope", 70, True, True)
     var = variant("cauchy", n_head=2)
-    want = reference_attention(q, k, v, var, ssmax, doc)
+    width = var.log_width.detach().double().exp().view(1, -1, 1, 1)
+    cauchy = papers_logits("nope", var, True, doc)  # S + SSMax, then the Cauchy prior as the README defines it
+    want = reference_attention(q, k, v, lambda S, h, i, j: cauchy(S - torch.log1p(((i - j) / width) ** 2), h, i, j), doc)
     for engine in ENGINES:
         with torch.no_grad():
             got = attend(q, k, v, var, var.tables(70, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=32)
