@@ -237,6 +237,19 @@ def test_memory_estimate_and_engine_choice():
     assert sdpa > 2 * 65536 ** 2 * 4 > 2 ** 30 > chunked  # the T x T term, or a tile
 
 
+def test_memory_check_refuses_sdpa_where_chunked_fits():
+    """At 4096 tokens and a 0.1 GB budget the T x T scores of sdpa do not fit (about 0.4 GB for two
+    heads) and the chunked engine's tiles do: sdpa is refused with the advice to use chunked, and
+    chunked passes the same check."""
+    model, cpu = tiny_model(), torch.device("cpu")
+    need = {engine: E.estimate_memory(model, 4096, engine, cpu)[0] for engine in ("sdpa", "chunked")}
+    assert need["chunked"] < 0.1 * 2 ** 30 < 3 * 4 * 2 * 4096 ** 2 < need["sdpa"]
+    lengths = [("32x", 4096)]
+    with pytest.raises(ValueError, match="needs about 0.4 GB with the sdpa engine, 0.1 GB available; use --engine chunked"):
+        E.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="sdpa"), cpu)
+    E.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="chunked"), cpu)
+
+
 def test_memory_check_counts_the_loaded_weights_once(monkeypatch):
     """Free memory is read with the model already loaded: a length whose estimate exceeds the free
     memory by less than the weights fits; one that exceeds it by more does not."""
@@ -314,7 +327,7 @@ def test_main_errors(tmp_path, capsys):
         (["--ckpt", ckpt, "--lengths", "100"], "minimum is"),
         (["--ckpt", ckpt, "--depths", "0,2"], "outside [0, 1]"),
         (["--ckpt", small_vocab, "--lengths", "1000"], "vocab_size 64"),
-        (["--ckpt", ckpt, "--lengths", "1000", "--max-memory-gb", "0.001"], "--engine chunked"),
+        (["--ckpt", ckpt, "--lengths", "4096", "--engine", "sdpa", "--max-memory-gb", "0.1"], "use --engine chunked"),
         (["--ckpt", ckpt, "--task", "loss"], "give --data"),
         (["--ckpt", ckpt, "--task", "loss", "--data", str(gpt2_data)], "tokenized with 'gpt2'"),
         (["--ckpt", ckpt, "--task", "loss", "--data", str(empty)], "no val_"),
