@@ -430,3 +430,24 @@ def test_loss_task_scores_only_the_masked_tokens(tmp_path, capsys):
         losses = E.position_losses(tiny_model(), torch.from_numpy(tokens))
     expected = losses[torch.from_numpy(mask[1:]).bool()].mean().item()  # position i predicts token i + 1
     assert abs(json.loads((tmp_path / "eval_loss.json").read_text())["summary"][0]["loss"] - expected) < 1e-5
+
+
+def test_loss_task_masks_documents_when_the_checkpoint_was_trained_so(tmp_path, capsys):
+    """The loss task reads --doc-mask from the checkpoint's train_config: with it, attention stops
+    at each end-of-text token; without it, it does not. No flag needed."""
+    data = tmp_path / "data"
+    data.mkdir()
+    tokens = np.random.default_rng(0).integers(0, 256, 600)
+    tokens[[100, 200]] = 256
+    write_shard(str(data / "val_000000.bin"), tokens)
+    write_meta(str(data), tokenizer="bytes", vocab_size=257, eot_token=256)
+    window = torch.from_numpy(tokens[:301])
+    with torch.no_grad():
+        want = {True: E.position_losses(tiny_model(), window, eot=256).mean().item(),
+                False: E.position_losses(tiny_model(), window).mean().item()}
+    assert abs(want[True] - want[False]) > 1e-3
+    for doc_mask in (True, False):
+        ckpt = save_tiny(tmp_path / f"{doc_mask}.pt", train_config={"data": str(data), "doc_mask": doc_mask})
+        assert E.main(["--ckpt", ckpt, "--task", "loss", "--lengths", "300", "--samples", "1"]) == 0
+        got = json.loads((tmp_path / "eval_loss.json").read_text())["summary"][0]["loss"]
+        assert abs(got - want[doc_mask]) < 1e-5, doc_mask
