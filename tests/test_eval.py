@@ -360,6 +360,19 @@ def test_passkey_run_writes_table_and_json(tmp_path, capsys):
     assert result["settings"]["task"] == "passkey"
 
 
+def test_heatmap_is_a_png_or_a_note_without_matplotlib(tmp_path, capsys, monkeypatch):
+    grid = {"0.0": {"1x": 1.0, "4x": 0.5}, "1.0": {"1x": 0.0, "4x": 1.0}}  # depth -> length -> accuracy
+    args = (grid, [("1x", 128), ("4x", 512)], [0.0, 1.0])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    E.save_heatmap(*args, str(tmp_path / "none.png"), "title")
+    assert "heatmap skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert not (tmp_path / "none.png").exists()
+    monkeypatch.undo()
+    pytest.importorskip("matplotlib")
+    E.save_heatmap(*args, str(tmp_path / "map.png"), "title")
+    assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_prefix_digits_leave_only_the_rest_to_answer():
     full = R.passkey_sample(ENC, 500, 0.5, 5, random.Random(3))
     given = R.passkey_sample(ENC, 500, 0.5, 5, random.Random(3), prefix_digits=2)
