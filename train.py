@@ -35,7 +35,7 @@ class TrainConfig:
     compile: bool | None = param(None, "torch.compile the model (default: on for CUDA)")
     seed: int = param(1337, "random seed")
     batch_size: int = param(16, "sequences per micro-batch")
-    grad_accum: int = param(1, "micro-batches per optimizer step")
+    grad_accum: int = param(1, "micro-batches per optimizer step; together they give the gradient of one batch of all of them")
     max_steps: int = param(300, "optimizer steps to train for")
     lr: float = param(3e-3, "peak learning rate")
     min_lr_ratio: float = param(0.1, "final learning rate as a fraction of --lr")
