@@ -27,6 +27,7 @@ import torch
 import selfcheck
 from attention import VARIANTS, attend, ssmax_factor
 from model import GPT, GPTConfig, gpu_peak, native_bf16
+from settings import Parser, comma_list, flag_type, output_file, pick_device
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
@@ -36,33 +37,41 @@ TINY = dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=320, attn_bloc
 SECTIONS = ("train", "attn", "long")
 
 
-def get_args():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def token_counts(text):
+    """An argparse type= for the long section's lengths: '64K,256K' -> [65536, 262144]."""
+    try:
+        counts = [int(s[:-1]) * 1024 if s.upper().endswith("K") else int(s) for s in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"must be a comma list of token counts such as 64K,100000, got {text!r}")
+    return counts
+
+
+def get_args(argv):
+    p = Parser(prog="bench.py", description=__doc__)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: every code path in seconds (CPU-friendly)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cpu or mps")
-    p.add_argument("--variants", default=",".join(VARIANTS),
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, cpu or mps")
+    p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
-    p.add_argument("--sections", default=",".join(SECTIONS), help="comma list of sections: train, attn, long")
-    p.add_argument("--steps", type=int,
+    p.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
+                   help="comma list of sections: train, attn, long")
+    p.add_argument("--steps", type=flag_type(int, "[1, inf)"),
                    help="timed training steps and timed attention runs (default 20; 2 with --tiny)")
-    p.add_argument("--warmup", type=int,
+    p.add_argument("--warmup", type=flag_type(int, "[0, inf)"),
                    help="untimed steps/runs before timing, compilation included (default 10; 1 with --tiny)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training model (default: on for CUDA)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, else float32)")
-    p.add_argument("--peak-tflops", type=float,
+    p.add_argument("--peak-tflops", type=flag_type(float, "(0, inf)"),
                    help="peak TFLOP/s for MFU (default: known for H100/H200/A100, else MFU n/a)")
-    p.add_argument("--lengths", help="comma list of token counts for the long section, 64K-style suffix allowed "
-                   "(default 64K,256K,512K; 2K,4K with --tiny)")
-    p.add_argument("--out", help="also write every number to this JSON file")
+    p.add_argument("--lengths", type=token_counts, help="comma list of token counts for the long section, 64K-style "
+                   "suffix allowed (default 64K,256K,512K; 2K,4K with --tiny)")
+    p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     p.add_argument("--check", action="store_true",
                    help="run the correctness self-check (selfcheck.py) instead: run it first on a new GPU")
-    return p.parse_args()
-
-
-def parse_tokens(s):
-    return int(s[:-1]) * 1024 if s.upper().endswith("K") else int(s)
+    return p.parse_args(argv)
 
 
 def tokens_str(n):
@@ -245,26 +254,21 @@ def summary(args, results):
         print(f"{v:10} " + ", ".join(parts))
 
 
-def main():
-    args = get_args()
+def main(argv=None):
+    args = get_args(argv)
     if args.check:
-        sys.exit(selfcheck.main(["--device", args.device, "--variants", args.variants]))
+        sys.exit(selfcheck.main(["--device", args.device, "--variants", ",".join(args.variants)]))
     # resolve the defaults that depend on the device and on --tiny
-    cuda = torch.cuda.is_available() if args.device == "auto" else args.device.startswith("cuda")
-    args.device = torch.device(("cuda" if cuda else "cpu") if args.device == "auto" else args.device)
+    args.device = pick_device(args.device)
+    cuda = args.device.type == "cuda"
     args.shape = TINY if args.tiny else FULL
     args.dtype = args.dtype or (("bfloat16" if native_bf16() else "float16") if cuda else "float32")
     args.torch_dtype = getattr(torch, args.dtype)
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = (1 if args.tiny else 10) if args.warmup is None else args.warmup
     args.steps = args.steps or (2 if args.tiny else 20)
-    requested, sections = args.variants.split(","), args.sections.split(",")
-    unknown = (set(requested) - set(VARIANTS)) | (set(sections) - set(SECTIONS))
-    if unknown:
-        raise SystemExit(f"unknown {sorted(unknown)}: variants are {', '.join(VARIANTS)}, "
-                         f"sections {', '.join(SECTIONS)}")
-    args.variants = [v for v in VARIANTS if v in requested]  # nope first: the base of the ratios
-    args.lengths = [parse_tokens(s) for s in (args.lengths or args.shape["lengths"]).split(",")]
+    args.variants = [v for v in VARIANTS if v in args.variants]  # nope first: the base of the ratios
+    args.lengths = args.lengths or token_counts(args.shape["lengths"])
     name = torch.cuda.get_device_name(args.device) if cuda else args.device.type
     label, peak = gpu_peak(name) if cuda else (None, None)
     args.peak_label = label and f"{label} bf16 dense peak"
@@ -280,7 +284,7 @@ def main():
     results = dict(device=name, torch=torch.__version__, dtype=args.dtype, compile=args.compile, tiny=args.tiny,
                    peak_tflops=args.peak_tflops, train={}, attention=[], long=[])
     for section, run in (("train", train_section), ("attn", attn_section), ("long", long_section)):
-        if section in sections:
+        if section in args.sections:
             run(args, results)
     summary(args, results)
     if args.out:

@@ -12,7 +12,6 @@ loss     validation loss at each length, overall and per position bucket
 Lengths are multiples of the training length ("4x") or token counts ("8192"). Retrieval is
 scored teacher-forced, with logits only at the answer positions: no T x vocab tensor is built.
 """
-import argparse
 import glob
 import json
 import os
@@ -31,6 +30,7 @@ from data.synthetic import CITIES
 from attention import FLEX_BLOCK, choose_engine, document_ids
 from model import load_checkpoint, native_bf16
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
+from settings import Parser, flag_type, output_file, pick_device
 
 # -----------------------------------------------------------------------------
 # the loss by position
@@ -182,7 +182,7 @@ def parse_depths(text):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="eval_extrapolate.py", description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--task", choices=("passkey", "niah", "loss"), default="passkey",
                    help="passkey retrieval, needle in a haystack, or validation loss (default: passkey)")
@@ -192,20 +192,20 @@ def parse_args(argv):
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="needle depths in [0, 1]: 0 = right after the prefix (farthest from the question), "
                         "1 = just before the question; even:N = N depths evenly spaced (default: 0,0.25,0.5,0.75,1)")
-    p.add_argument("--samples", type=int, default=5,
+    p.add_argument("--samples", type=flag_type(int, "[1, inf)"), default=5,
                    help="samples per (length, depth) cell; for loss, windows per length (default: 5)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed of keys, cities and windows (default: 1337)")
-    p.add_argument("--digits", type=int, default=5, help="passkey digits (default: 5)")
-    p.add_argument("--prefix-digits", type=int, default=0,
+    p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed of keys, cities and windows (default: 1337)")
+    p.add_argument("--digits", type=flag_type(int, "[1, inf)"), default=5, help="passkey digits (default: 5)")
+    p.add_argument("--prefix-digits", type=flag_type(int, "[0, inf)"), default=0,
                    help="passkey: the question gives the key's first N digits and only the rest is scored (default: 0)")
-    p.add_argument("--patience", type=int, default=0,
+    p.add_argument("--patience", type=flag_type(int, "[0, inf)"), default=0,
                    help="stop the sweep after N lengths in a row at 0 accuracy; the longer ones are skipped "
                         "(0: never; default: 0)")
-    p.add_argument("--needles", type=int, default=3, help="niah: needles per prompt (default: 3)")
+    p.add_argument("--needles", type=flag_type(int, f"[1, {len(CITIES)}]"), default=3, help="niah: needles per prompt (default: 3)")
     p.add_argument("--haystack", help="niah: a text file to cut the haystack from (default: the passkey filler)")
     p.add_argument("--data", help="loss: a prepared dataset folder with val_*.bin and meta.json "
                                   "(default: the checkpoint's training data)")
-    p.add_argument("--loss-chunk", type=int, default=4096, help="loss: positions per lm_head call (default: 4096)")
+    p.add_argument("--loss-chunk", type=flag_type(int, "[1, inf)"), default=4096, help="loss: positions per lm_head call (default: 4096)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, "
@@ -213,30 +213,15 @@ def parse_args(argv):
     p.add_argument("--engine", choices=("auto", "sdpa", "flex", "chunked"), default="auto",
                    help="attention engine; auto = flex on CUDA, on CPU sdpa while the T x T bias is small "
                         "and chunked beyond (default: auto)")
-    p.add_argument("--attn-block", type=int, default=512,
+    p.add_argument("--attn-block", type=flag_type(int, "[1, inf)"), default=512,
                    help="tile size of the chunked engine; memory ~ 16 x heads x block^2 x 4 bytes (default: 512)")
-    p.add_argument("--max-memory-gb", type=float,
+    p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),
                    help="memory budget for the pre-run check (default: the device's free memory)")
-    p.add_argument("--out", help="results JSON (default: eval_<task>.json next to the checkpoint; "
+    p.add_argument("--out", type=output_file, help="results JSON (default: eval_<task>.json next to the checkpoint; "
                                  "a heatmap .png goes next to it when matplotlib is installed)")
     args = p.parse_args(argv)
-    for name in ("samples", "digits", "needles", "attn_block", "loss_chunk"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.prefix_digits < args.digits:
+    if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
-    if args.patience < 0:
-        p.error("--patience must be 0 (off) or more")
-    if args.needles > len(CITIES):
-        p.error(f"--needles must be at most {len(CITIES)} (the number of cities)")
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"unknown --device {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available here")
     return args
 
 # -----------------------------------------------------------------------------
@@ -364,7 +349,8 @@ def score_losses(model, lengths, files, sizes, args, device, ctx):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
+    device = pick_device(args.device)
+    args.device = str(device)  # recorded in the results
     try:
         model, checkpoint = load_checkpoint(args.ckpt, device)
         block_size = checkpoint["model_config"]["block_size"]
@@ -400,12 +386,17 @@ def main(argv=None):
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     settings = dict(vars(args), dtype=dtype, block_size=block_size, attention=model.config.attention,
                     step=checkpoint.get("step"), lengths=lengths)
-    with open(out, "w") as f:
-        json.dump({"settings": settings, "summary": summary, "results": results}, f, indent=1)
     if args.task == "loss":
         print_losses(summary, any(r["masked"] for r in results))
     else:
         print_grid(summary, lengths, args.task)
+    try:
+        with open(out, "w") as f:
+            json.dump({"settings": settings, "summary": summary, "results": results}, f, indent=1)
+    except OSError as e:
+        print(f"error: cannot write {out}: {e.strerror or e}; the results are above", file=sys.stderr)
+        return 2
+    if args.task != "loss":
         save_heatmap(summary, lengths, depths, os.path.splitext(out)[0] + ".png",
                      f"{args.task}: {model.config.attention}, trained at {block_size} tokens")
     print(f"wrote {out}")

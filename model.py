@@ -7,7 +7,7 @@ import math
 import os
 import pickle
 import struct
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -15,56 +15,44 @@ import torch.nn.functional as F
 
 from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, positions_in_document,
                        rotary_frequencies, ssmax_factor)
+from settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
 
 
-def param(default, help):
-    """A config field with its --help text (train.py turns config fields into flags)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class GPTConfig:
-    block_size: int = param(384, "training length in tokens (the model itself runs at any length)")
-    vocab_size: int = param(320, "vocabulary size, padded to a multiple of 64 (train.py sets it from the data)")
-    n_layer: int = param(4, "number of transformer blocks")
-    n_head: int = param(4, "attention heads per block")
-    n_embd: int = param(128, "model width")
-    dropout: float = param(0.0, "dropout probability")
+    block_size: int = param(384, "training length in tokens (the model itself runs at any length)", "[1, inf)")
+    vocab_size: int = param(320, "vocabulary size, padded to a multiple of 64 (train.py sets it from the data)", "[1, inf)")
+    n_layer: int = param(4, "number of transformer blocks", "[1, inf)")
+    n_head: int = param(4, "attention heads per block", "[1, inf)")
+    n_embd: int = param(128, "model width", "[1, inf)")
+    dropout: float = param(0.0, "dropout probability", "[0, 1)")
     qk_norm: bool = param(False, "RMSNorm on queries and keys before attention")
-    attention: str = param("bam", "positional variant: nope | alibi | bam | scaleinv")
+    attention: str = param("bam", "positional variant: nope | alibi | bam | scaleinv", choices=VARIANTS)
     ssmax: bool | None = param(None, "SSMax (LogN) scaling of the logits; default on for bam, off otherwise")
-    rope: str | None = param(None, "rotary embeddings: none | full | partial (p-RoPE); default partial for scaleinv, else none")
-    rope_fraction: float = param(0.75, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate")
-    rope_base: float = param(10000.0, "rotary base")
-    scaleinv_tau: float = param(10.0, "scale-invariant attention's tau")
+    rope: str | None = param(None, "rotary embeddings: none | full | partial (p-RoPE); default partial for scaleinv, else none",
+                             choices=ROPE_MODES)
+    rope_fraction: float = param(0.75, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate", "[0, 1]")
+    rope_base: float = param(10000.0, "rotary base", "(0, inf)")
+    scaleinv_tau: float = param(10.0, "scale-invariant attention's tau", "(0, inf)")
     bam_per_layer: bool = param(False, "one BAM prior per layer instead of one shared by all layers")
-    prev_tokens: int = param(3, "previous-token path: each embedding mixes in this many embeddings before it (0: off)")
+    prev_tokens: int = param(3, "previous-token path: each embedding mixes in this many embeddings before it (0: off)",
+                             "[0, inf)")
     key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
-    engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked")
-    attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)")
+    engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked", choices=ENGINES)
+    attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)", "[1, inf)")
 
     def __post_init__(self):
+        check_fields(self)  # types, ranges and choices, as a flag or a config file gets them
         if self.ssmax is None:
             self.ssmax = self.attention == "bam"
         if self.rope is None:
             self.rope = "partial" if self.attention == "scaleinv" else "none"
-        checks = [
-            (self.attention in VARIANTS, f"unknown attention {self.attention!r}; choose one of {', '.join(VARIANTS)}"),
-            (self.engine in ENGINES, f"unknown engine {self.engine!r}; choose one of {', '.join(ENGINES)}"),
-            (self.rope in ROPE_MODES, f"unknown rope {self.rope!r}; choose one of {', '.join(ROPE_MODES)}"),
-            (self.n_embd % self.n_head == 0, f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}"),
-            ((self.n_embd // self.n_head) % 2 == 0, "head size (n_embd / n_head) must be even for rotary"),
-            (0.0 <= self.rope_fraction <= 1.0, f"rope_fraction {self.rope_fraction} is outside [0, 1]"),
-            (min(self.n_layer, self.n_head, self.block_size, self.vocab_size, self.attn_block) > 0,
-             "n_layer, n_head, block_size, vocab_size and attn_block must be positive"),
-            (self.prev_tokens >= 0, f"prev_tokens must be 0 or more, got {self.prev_tokens}"),
-            (self.scaleinv_tau > 0, f"scaleinv_tau must be positive, got {self.scaleinv_tau}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("head size (n_embd / n_head) must be even for rotary")
 
 
 class CausalSelfAttention(nn.Module):

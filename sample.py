@@ -3,46 +3,34 @@ Generate text from a trained checkpoint (with the KV cache), in the tokenizer it
 
     python sample.py --ckpt out/last.pt --prompt "What is the pass key?" --num-samples 3
 """
-import argparse
-import sys
-
 import torch
 
 from data.shards import tokenizer_from_meta
 from model import load_checkpoint
+from settings import Parser, fail, flag_type, pick_device
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="sample.py", description=__doc__)
     p.add_argument("--ckpt", default="out/last.pt", help="checkpoint written by train.py (default: out/last.pt)")
     p.add_argument("--prompt", default=None, help="prompt text (default: an end-of-text token, i.e. unconditional)")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file instead")
-    p.add_argument("--num-samples", type=int, default=2, help="how many samples to draw (default: 2)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate per sample (default: 200)")
-    p.add_argument("--temperature", type=float, default=0.8,
+    p.add_argument("--num-samples", type=flag_type(int, "[1, inf)"), default=2, help="how many samples to draw (default: 2)")
+    p.add_argument("--max-new-tokens", type=flag_type(int, "[1, inf)"), default=200,
+                   help="tokens to generate per sample (default: 200)")
+    p.add_argument("--temperature", type=flag_type(float, "[0, inf)"), default=0.8,
                    help="sampling temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample only among the k most likely tokens; 0 = all (default: 50)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default: auto)")
+    p.add_argument("--top-k", type=flag_type(int, "[0, inf)"), default=50,
+                   help="sample only among the k most likely tokens; 0 = all (default: 50)")
+    p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed (default: 1337)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps (default: auto)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence each step (slow; for checking)")
-    args = p.parse_args(argv)
-    if args.num_samples <= 0 or args.max_new_tokens <= 0:
-        p.error("--num-samples and --max-new-tokens must be positive")
-    if args.temperature < 0 or args.top_k < 0:
-        p.error("--temperature and --top-k must be >= 0")
-    return args
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(args.device)
     try:
         model, checkpoint = load_checkpoint(args.ckpt, device)
         enc = tokenizer_from_meta(checkpoint["meta"])
@@ -53,8 +41,8 @@ def main(argv=None):
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
                 prompt = f.read()
-        except OSError as e:
-            fail(f"cannot read --prompt-file: {e}")
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"cannot read --prompt-file {args.prompt_file}: {getattr(e, 'strerror', None) or e}")
     else:
         prompt = args.prompt
     ids = enc.encode_ordinary(prompt) if prompt else [enc.eot_token]

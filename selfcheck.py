@@ -13,7 +13,6 @@ Check a GPU end to end before trusting it with a run: python bench.py --check (o
 Prints one PASS/FAIL table and exits non-zero on any failure. On a CPU it runs what a CPU can:
 flex forward only (no backward off CUDA), no bfloat16 kernels, no 64K forward.
 """
-import argparse
 import sys
 import time
 
@@ -21,6 +20,7 @@ import torch
 
 from attention import VARIANTS, attend, ssmax_factor
 from model import GPT, GPTConfig, native_bf16
+from settings import Parser, comma_list, pick_device
 
 LENGTHS = (1, 130, 1000)
 CHECKS = ("engines", "decode", "compile", "64K")
@@ -119,22 +119,15 @@ def long_case(device, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cuda, cuda:N or cpu")
-    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants (default: all)")
-    p.add_argument("--checks", default=",".join(CHECKS), help=f"comma list of checks (default: all: {', '.join(CHECKS)})")
+    p = Parser(prog="selfcheck.py", description=__doc__)
+    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N or cpu")
+    p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
+                   help="comma list of variants (default: all)")
+    p.add_argument("--checks", type=comma_list(CHECKS), default=list(CHECKS),
+                   help=f"comma list of checks (default: all: {', '.join(CHECKS)})")
     args = p.parse_args(argv)
-    try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    except RuntimeError:
-        p.error(f"unknown --device {args.device!r}; use auto, cuda, cuda:N or cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible here; use --device cpu")
-    variants = args.variants.split(",")
-    checks = args.checks.split(",")
-    unknown = sorted((set(variants) - set(VARIANTS)) | (set(checks) - set(CHECKS)))
-    if unknown:
-        p.error(f"unknown {unknown}: variants are {', '.join(VARIANTS)}; checks are {', '.join(CHECKS)}")
+    device = pick_device(args.device)
+    variants, checks = args.variants, args.checks
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # a float32 reference

@@ -12,17 +12,18 @@ import math
 import os
 import sys
 import time
+import signal
 import tomllib
-import types
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from tqdm import tqdm
 
-from attention import ENGINES, VARIANTS, document_ids
+from attention import document_ids
 from data.loader import TokenLoader
 from data.shards import read_meta
-from model import GPT, GPTConfig, ROPE_MODES, gpu_peak, load_checkpoint, native_bf16, param, save_checkpoint
+from model import GPT, GPTConfig, gpu_peak, load_checkpoint, native_bf16, save_checkpoint
+from settings import Parser, check, check_fields, fail, flag_type, param, pick_device, value_type
 
 
 @dataclass
@@ -31,56 +32,53 @@ class TrainConfig:
     out_dir: str = param("out", "folder for checkpoints (last.pt, best.pt) and log.jsonl")
     resume: bool = param(False, "continue from out_dir/last.pt exactly where it stopped")
     device: str = param("auto", "auto | cpu | cuda | cuda:N | mps")
-    dtype: str = param("auto", "auto | float32 | bfloat16 (auto: bfloat16 on CUDA where supported)")
+    dtype: str = param("auto", "auto | float32 | bfloat16 (auto: bfloat16 on CUDA where supported)",
+                       choices=("auto", "float32", "bfloat16"))
     compile: bool | None = param(None, "torch.compile the model (default: on for CUDA)")
-    seed: int = param(1337, "random seed")
-    batch_size: int = param(16, "sequences per micro-batch")
-    grad_accum: int = param(1, "micro-batches per optimizer step; together they give the gradient of one batch of all of them")
-    max_steps: int = param(300, "optimizer steps to train for")
-    lr: float = param(3e-3, "peak learning rate")
-    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of --lr")
-    warmup_steps: int = param(20, "linear warmup steps")
-    lr_decay_steps: int | None = param(None, "steps of the cosine decay (default: max_steps)")
-    weight_decay: float = param(0.1, "AdamW weight decay (weight matrices only)")
+    seed: int = param(1337, "random seed", "[0, inf)")
+    batch_size: int = param(16, "sequences per micro-batch", "[1, inf)")
+    grad_accum: int = param(1, "micro-batches per optimizer step; together they give the gradient of one batch of all of them",
+                            "[1, inf)")
+    max_steps: int = param(300, "optimizer steps to train for", "[1, inf)")
+    lr: float = param(3e-3, "peak learning rate", "(0, inf)")
+    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of --lr", "[0, 1]")
+    warmup_steps: int = param(20, "linear warmup steps", "[0, inf)")
+    lr_decay_steps: int | None = param(None, "steps of the cosine decay (default: max_steps)", "[1, inf)")
+    weight_decay: float = param(0.1, "AdamW weight decay (weight matrices only)", "[0, inf)")
     decay_embeddings: bool = param(True, "apply weight decay to the (tied) embedding too")
-    beta1: float = param(0.9, "AdamW beta1")
-    beta2: float = param(0.95, "AdamW beta2")
-    grad_clip: float = param(1.0, "clip the gradient norm to this (0: off)")
+    beta1: float = param(0.9, "AdamW beta1", "[0, 1)")
+    beta2: float = param(0.95, "AdamW beta2", "[0, 1)")
+    grad_clip: float = param(1.0, "clip the gradient norm to this (0: off)", "[0, inf)")
     doc_mask: bool = param(False, "document masking: attention and SSMax counts stay inside a document")
-    eval_interval: int = param(50, "evaluate and checkpoint every this many steps")
-    eval_batches: int = param(8, "validation batches per evaluation")
-    log_interval: int = param(10, "write a log.jsonl line every this many steps")
+    eval_interval: int = param(50, "evaluate and checkpoint every this many steps", "[1, inf)")
+    eval_batches: int = param(8, "validation batches per evaluation", "[1, inf)")
+    log_interval: int = param(10, "write a log.jsonl line every this many steps", "[1, inf)")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
-CHOICES = {"attention": list(VARIANTS), "engine": list(ENGINES), "rope": list(ROPE_MODES),
-           "dtype": ["auto", "float32", "bfloat16"]}
 RUNTIME_FIELDS = {"engine", "attn_block"}  # may differ on resume: they do not change the model
 MODEL_FLAGS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
-
-
-def fail(message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+SETTINGS = {f.name: f for f in fields(TrainConfig) + tuple(MODEL_FLAGS)}
 
 
 # ----------------------------------------------------------------------------------------
 # configuration: dataclass fields -> flags; config file; validation
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     argument_default=argparse.SUPPRESS)
-    parser.error = lambda message: fail(f"{message}; see python train.py --help")  # not the 20-line usage
+    parser = Parser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with _ for -)")
     for group_name, config_fields in (("training", fields(TrainConfig)), ("model", MODEL_FLAGS)):
         group = parser.add_argument_group(group_name)
         for f in config_fields:
-            kind = f.type.__args__[0] if isinstance(f.type, types.UnionType) else f.type
             flag = "--" + f.name.replace("_", "-")
             help = f"{f.metadata['help']} (default: {f.default})"
-            if kind is bool:
+            if value_type(f.type) is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help)
             else:
-                group.add_argument(flag, type=kind, choices=CHOICES.get(f.name), help=help)
+                group.add_argument(flag, type=flag_type(f.type, f.metadata["interval"]), choices=f.metadata["choices"],
+                                   help=help)
     return parser
 
 
@@ -92,10 +90,16 @@ def read_config_file(path):
             values = tomllib.load(f) if path.endswith(".toml") else json.load(f)
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
         fail(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
-    known = {f.name for f in fields(TrainConfig)} | {f.name for f in MODEL_FLAGS}
-    unknown = sorted(set(values) - known)
+    if not isinstance(values, dict):
+        fail(f"config file {path} must hold a table of settings, not a {type(values).__name__}")
+    unknown = sorted(set(values) - set(SETTINGS))
     if unknown:
         fail(f"config file {path} has unknown settings {unknown}; see python train.py --help")
+    for name, value in values.items():  # the check a flag's value gets in flag_type
+        f = SETTINGS[name]
+        problem = check(value, f.type, f.metadata["interval"], f.metadata["choices"])
+        if problem:
+            fail(f"{name} in {path} {problem}; see python train.py --help")
     return values
 
 
@@ -109,31 +113,13 @@ def parse_config(argv):
         config = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
         model_values = {k: v for k, v in values.items() if k not in train_names}
         GPTConfig(**model_values)  # validate before anything runs
-    except (TypeError, ValueError) as e:
-        fail(str(e))
-    positive = ["batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval"]
-    for name in positive:
-        if getattr(config, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    if config.lr <= 0 or config.warmup_steps < 0 or not 0 <= config.min_lr_ratio <= 1:
-        fail("need --lr > 0, --warmup-steps >= 0 and 0 <= --min-lr-ratio <= 1")
+    except ValueError as e:  # the settings that only fit together (n_embd and n_head)
+        fail(f"{e}; see python train.py --help")
     return config, model_values
 
 
 # ----------------------------------------------------------------------------------------
 # device, schedule, evaluation
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if torch.backends.mps.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        fail("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        fail("--device mps was asked for but MPS is not available; use --device cpu")
-    return name
-
 
 def pick_dtype(name, device):
     bf16_ok = device.startswith("cuda") and native_bf16()
@@ -206,11 +192,34 @@ def resume_checkpoint(config, model_values, meta, device):
     return model, checkpoint
 
 
+class StopSignals:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) or Ctrl-C asks the run to stop: it finishes
+    the step, saves last.pt and exits, so that --resume continues exactly. A second Ctrl-C stops
+    at once, without saving (the last checkpoint stays as it was)."""
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):  # os.write: print() could land inside tqdm's own write to stderr
+        if self.signum is not None and signum == signal.SIGINT:
+            os.write(2, b"\nstopped at once, without saving; the last checkpoint is as it was\n")
+            raise SystemExit(130)
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again: at once, "
+                    f"without saving)\n".encode())
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     config, model_values = parse_config(argv)
-    device = pick_device(config.device)
+    device = str(pick_device(config.device))  # "cpu", "cuda", "cuda:1", "mps"
     dtype = pick_dtype(config.dtype, device)
     use_compile = config.compile if config.compile is not None else device.startswith("cuda")
     try:
@@ -245,12 +254,19 @@ def main(argv=None):
         if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
+        if step >= config.max_steps:
+            print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
+                  f"raise --max-steps to train further")
+            return
         print(f"resuming from {config.out_dir}/last.pt at step {step}")
     model = torch.compile(raw_model) if use_compile else raw_model
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
 
-    os.makedirs(config.out_dir, exist_ok=True)
-    log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+    except OSError as e:
+        fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
     tokens_per_step = config.batch_size * block_size * config.grad_accum
     c = raw_model.config
     flops_per_token = 6 * raw_model.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * block_size
@@ -260,18 +276,33 @@ def main(argv=None):
 
     def save(name):  # at a step boundary, with the data position of that boundary
         checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, device)
-        save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
+        try:
+            save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
+        except OSError as e:  # a full disk, a read-only folder: save_checkpoint left the previous file as it was
+            bar.close()
+            fail(f"cannot write {name} in {config.out_dir} at step {step}: {e.strerror or e}; the previous {name} "
+                 f"is left as it was. Free space or fix the folder, then continue with --resume")
 
     def write_log(record):
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        except OSError as e:
+            bar.close()
+            fail(f"cannot write {config.out_dir}/log.jsonl at step {step}: {e.strerror or e}; free space or "
+                 f"fix the folder, then continue with --resume")
 
     step_start = train_loader.state_dict()
-    bar = tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True)
     model.train()
     t0, loss_value = time.time(), float("nan")
-    try:
+    with StopSignals() as stop, tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
         while step < config.max_steps:
+            if stop.signum:
+                save("last.pt")
+                bar.close()
+                print(f"stopped by {signal.Signals(stop.signum).name} at step {step}; saved {config.out_dir}/last.pt "
+                      f"(continue with --resume)")
+                sys.exit(128 + stop.signum)
             if step % config.eval_interval == 0 and step > 0:
                 val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
                 write_log({"step": step, "val_loss": val_loss})
@@ -314,20 +345,15 @@ def main(argv=None):
             bar.update(1)
             if step % config.log_interval == 0:
                 write_log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt})
-    except KeyboardInterrupt:
         bar.close()
+        val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
+        write_log({"step": step, "val_loss": val_loss})
+        if val_loss < best_val:
+            best_val = val_loss
+            save("best.pt")
         save("last.pt")
-        print(f"\ninterrupted at step {step}; saved {config.out_dir}/last.pt (continue with --resume)")
-        sys.exit(130)
-    bar.close()
-    val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
-    write_log({"step": step, "val_loss": val_loss})
-    if val_loss < best_val:
-        best_val = val_loss
-        save("best.pt")
-    save("last.pt")
-    print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
-    log.close()
+        print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
+        log.close()
 
 
 if __name__ == "__main__":

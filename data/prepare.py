@@ -9,7 +9,6 @@ Every document is preceded by the end-of-text token. A run builds into <out>.par
 renames it to <out> at the end, so an interrupted run never leaves a half-made dataset, and a
 second run with the same settings does nothing.
 """
-import argparse
 import http.client
 import os
 import shutil
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from data.shards import LOSS_MASK_DIR, ShardWriter, read_header, read_meta, write_meta
 from data.synthetic import generate_documents, text_of
 from data.tokenizer import GPT2_EOT, TOKENIZERS, get_tokenizer
+from settings import Parser, flag_type
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -133,8 +133,6 @@ def read_text(path):
 def tokenize_files(files, folder, args):
     """One document per file, the last --val-fraction of them (at least one) for val; a single
     file is split by characters instead. Files are read one at a time."""
-    if not 0 < args.val_fraction < 1:
-        raise ValueError(f"--val-fraction must be between 0 and 1, got {args.val_fraction}")
     if len(files) == 1:
         text = read_text(files[0])
         cut = int(len(text) * (1 - args.val_fraction))
@@ -148,8 +146,6 @@ def tokenize_files(files, folder, args):
 
 
 def synthetic(args, folder):
-    if args.pack < 0:
-        raise ValueError(f"--pack must be 0 (no packing) or a row length in tokens, got {args.pack}")
     n = args.val_docs + args.docs  # one stream: the first val_docs documents are val
     docs = (("val" if i < args.val_docs else "train", d if args.loss_on == "answers" else text_of(d))
             for i, d in enumerate(generate_documents(n, args.seed)))
@@ -184,7 +180,7 @@ BUILDERS = {"synthetic": synthetic, "text": text, "shakespeare": shakespeare, "f
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="data/prepare.py", description=__doc__)
     sub = parser.add_subparsers(dest="source", required=True, metavar="source")
 
     def add(name, description, tokenizes=True, tokenizer="bytes"):
@@ -198,15 +194,15 @@ def parse_args(argv):
                                 f"(default: {tokenizer})")
             p.add_argument("--ranks-file", help="with --tokenizer gpt2: a local GPT-2 ranks file (gpt2.tiktoken) "
                                                 "instead of downloading the BPE")
-            p.add_argument("--shard-size", type=int, default=10**7, help="tokens per shard file (default: 10M)")
+            p.add_argument("--shard-size", type=flag_type(int, "[1, inf)"), default=10**7, help="tokens per shard file (default: 10M)")
         return p
 
     p = add("synthetic", "short passkey documents in the evaluation's format, loss on the answers (data/synthetic.py)",
             tokenizer="words")
-    p.add_argument("--docs", type=int, default=30000, help="training documents (default: 30000, about 3M word tokens)")
-    p.add_argument("--val-docs", type=int, default=500, help="validation documents (default: 500, about 50K word tokens)")
-    p.add_argument("--seed", type=int, default=1337, help="random seed; the same seed gives the same data (default: 1337)")
-    p.add_argument("--pack", type=int, default=128,
+    p.add_argument("--docs", type=flag_type(int, "[1, inf)"), default=30000, help="training documents (default: 30000, about 3M word tokens)")
+    p.add_argument("--val-docs", type=flag_type(int, "[1, inf)"), default=500, help="validation documents (default: 500, about 50K word tokens)")
+    p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed; the same seed gives the same data (default: 1337)")
+    p.add_argument("--pack", type=flag_type(int, "[0, inf)"), default=128,
                    help="row length: documents never straddle a multiple of it, so windows of any multiple "
                         "of it (--block-size 128, 256, 384 ...) start at a document (0: plain concatenation; default: 128)")
     p.add_argument("--loss-on", choices=("answers", "all"), default="answers",
@@ -214,15 +210,15 @@ def parse_args(argv):
                         "determines; a tiny model learns retrieval only so), or all (default: answers)")
     p = add("text", "local text files, one document per file")
     p.add_argument("--input", nargs="+", required=True, help="files, or folders searched recursively for *.txt and *.md")
-    p.add_argument("--val-fraction", type=float, default=0.05,
+    p.add_argument("--val-fraction", type=flag_type(float, "(0, 1)"), default=0.05,
                    help="fraction of the documents for validation, at least one; a single file is split "
                         "by characters (default: 0.05)")
     p = add("shakespeare", "TinyShakespeare (1 MB of plays, downloaded), first 90%% of characters train, last 10%% val")
     p.add_argument("--input", help="a local copy of tinyshakespeare input.txt instead of downloading it")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="fraction of characters for validation (default: 0.1)")
+    p.add_argument("--val-fraction", type=flag_type(float, "(0, 1)"), default=0.1, help="fraction of characters for validation (default: 0.1)")
     p = add("fineweb", "pre-tokenized GPT-2 shards of FineWeb-10B (100M tokens, 200 MB each), as modded-nanogpt uses",
             tokenizes=False)
-    p.add_argument("--shards", type=int, default=1, help="training shards to download, 1 to 103 (default: 1); plus one val shard")
+    p.add_argument("--shards", type=flag_type(int, "[1, 103]"), default=1, help="training shards to download, 1 to 103 (default: 1); plus one val shard")
     p.add_argument("--base-url", default=FINEWEB_URL, help=f"where the fineweb_*.bin files are (default: {FINEWEB_URL})")
     return parser.parse_args(argv)
 

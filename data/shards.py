@@ -125,8 +125,15 @@ def read_meta(folder):
     path = os.path.join(folder, "meta.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no prepared dataset in {folder} (no meta.json); make it with {prepare_command(folder)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); remake it with {prepare_command(folder)} --force") from None
+    if not isinstance(meta, dict) or not {"tokenizer", "vocab_size", "eot_token"} <= set(meta):
+        raise ValueError(f"{path} is not a dataset's meta.json (no tokenizer, vocab_size or eot_token); "
+                         f"remake it with {prepare_command(folder)} --force")
+    return meta
 
 
 def tokenizer_from_meta(meta):

@@ -132,10 +132,14 @@ def test_param_groups_never_decay_priors_norms_or_ssmax():
 def test_defaults_and_bad_config():
     assert GPTConfig(attention="bam").ssmax is True and GPTConfig(attention="alibi").ssmax is False
     assert GPTConfig(attention="scaleinv").rope == "partial" and GPTConfig(attention="nope").rope == "none"
-    for bad, match in [(dict(attention="rope"), "unknown attention 'rope'"),
-                       (dict(engine="fast"), "unknown engine"),
+    for bad, match in [(dict(attention="rope"), "attention must be one of nope, alibi, bam, scaleinv, got 'rope'"),
+                       (dict(engine="fast"), "engine must be one of"),
                        (dict(n_embd=30, n_head=4), "not divisible"),
-                       (dict(rope="half"), "unknown rope")]:
+                       (dict(rope="half"), "rope must be one of"),
+                       (dict(n_layer=2.0), "n_layer must be a whole number >= 1, got 2.0"),
+                       (dict(qk_norm=1), "qk_norm must be true or false, got 1"),
+                       (dict(dropout=1.0), r"dropout must be a finite number >= 0 and < 1, got 1.0"),
+                       (dict(rope_base=float("nan")), "rope_base must be a finite number > 0, got nan")]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**bad)
 

@@ -1,7 +1,12 @@
 """train.py and sample.py end to end on a tiny synthetic dataset (CPU)."""
+import errno
 import json
 import math
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -12,6 +17,7 @@ from data import prepare
 from data.shards import tokenizer_from_meta
 from model import GPT, load_checkpoint, save_checkpoint
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
         "--eval-interval", "3", "--eval-batches", "2", "--log-interval", "1", "--warmup-steps", "2"]
 
@@ -122,32 +128,69 @@ def test_resume_is_bit_for_bit(data_dir, tmp_path):
     assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
-def test_ctrl_c_saves_and_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
-    """No regular save before the interrupt (--eval-interval 100): last.pt can only come from
-    the Ctrl-C handler, and it must hold the step boundary before the interrupted step."""
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_train(data_dir, straight, "--max-steps", "6", "--eval-interval", "100")
-    original = train.TokenLoader.next_batch
-    calls = {"n": 0}
+def signal_during_step(monkeypatch, step, *signals):
+    """Send the signals to this process while the training loop fetches the batch of `step`."""
+    original, calls = train.TokenLoader.next_batch, {"n": 0}
 
-    def next_batch_then_interrupt(self):
+    def next_batch_then_signal(self):
         if "train_" in os.path.basename(self.files[0]):
             calls["n"] += 1
-            if calls["n"] == 5:  # during step 4, after steps 0..3
-                raise KeyboardInterrupt
+            if calls["n"] == step + 1:
+                for signum in signals:
+                    os.kill(os.getpid(), signum)
         return original(self)
+    monkeypatch.setattr(train.TokenLoader, "next_batch", next_batch_then_signal)
 
-    monkeypatch.setattr(train.TokenLoader, "next_batch", next_batch_then_interrupt)
+
+def test_ctrl_c_finishes_the_step_saves_and_resume_continues_exactly(data_dir, tmp_path, monkeypatch, capsys):
+    """No regular save before the interrupt (--eval-interval 100): last.pt can only come from the
+    Ctrl-C, which lets step 4 finish and saves the boundary after it; with dropout, the resumed
+    run's random numbers must continue where they stopped too."""
+    flags = ["--max-steps", "7", "--eval-interval", "100", "--dropout", "0.1"]
+    run_train(data_dir, tmp_path / "straight", *flags)
+    signal_during_step(monkeypatch, 4, signal.SIGINT)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
-        run_train(data_dir, interrupted, "--max-steps", "6", "--eval-interval", "100")
+        run_train(data_dir, tmp_path / "stopped", *flags)
     assert e.value.code == 130
-    assert "interrupted at step 4; saved" in capsys.readouterr().out
-    assert state(interrupted / "last.pt")["step"] == 4
-    monkeypatch.setattr(train.TokenLoader, "next_batch", original)
-    run_train(data_dir, interrupted, "--max-steps", "6", "--eval-interval", "100", "--resume")
-    a, b = state(straight / "last.pt")["model"], state(interrupted / "last.pt")["model"]
+    assert "stopped by SIGINT at step 5; saved" in capsys.readouterr().out
+    assert state(tmp_path / "stopped" / "last.pt")["step"] == 5
+    monkeypatch.undo()
+    run_train(data_dir, tmp_path / "stopped", *flags, "--resume")
+    a, b = state(tmp_path / "straight" / "last.pt")["model"], state(tmp_path / "stopped" / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are given back
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(data_dir, tmp_path, monkeypatch, capfd):
+    signal_during_step(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    with pytest.raises(SystemExit) as e:
+        run_train(data_dir, tmp_path, "--max-steps", "7", "--eval-interval", "100")
+    assert e.value.code == 130 and "stopped at once, without saving" in capfd.readouterr().err  # os.write(2, ...)
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_equals_a_run_never_stopped(data_dir, tmp_path):
+    """A cluster's preemption: SIGTERM from outside to a training process in progress."""
+    flags = [*TINY, "--eval-interval", "1000", "--lr-decay-steps", "1000", "--dropout", "0.1"]
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", data_dir, "--out-dir", str(stopped), *flags,
+                             "--max-steps", "1000"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (os.path.exists(stopped / "log.jsonl") and len(open(stopped / "log.jsonl").readlines()) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    step = state(stopped / "last.pt")["step"]
+    assert step >= 3 and f"stopped by SIGTERM at step {step}; saved" in out
+    train.main(["--data", data_dir, "--out-dir", str(stopped), *flags, "--max-steps", str(step + 2), "--resume"])
+    train.main(["--data", data_dir, "--out-dir", str(tmp_path / "straight"), *flags, "--max-steps", str(step + 2)])
+    a, b = state(tmp_path / "straight" / "last.pt"), state(stopped / "last.pt")
+    assert a["step"] == b["step"] == step + 2 and a["loader"] == b["loader"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -176,6 +219,33 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
     assert after["step"] == before["step"] == 3
 
 
+def test_a_failed_checkpoint_write_keeps_the_previous_one(data_dir, tmp_path, monkeypatch, capsys):
+    """A full disk at the next save (resuming at step 3, an evaluation step, saves again): one line
+    naming the folder and the cause, a non-zero exit, and the step-3 checkpoints still load."""
+    run_train(data_dir, tmp_path, "--max-steps", "3")
+
+    def disk_full(obj, f):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(torch, "save", disk_full)
+    err = error_of(capsys, run_train, data_dir, tmp_path, "--max-steps", "9", "--resume")
+    assert f"cannot write last.pt in {tmp_path} at step 3: No space left on device" in err and "--resume" in err
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt", "log.jsonl"]  # no temp file left
+    for name in ("best.pt", "last.pt"):
+        assert load_checkpoint(str(tmp_path / name))[1]["step"] == 3
+
+
+def test_resume_past_max_steps_has_nothing_to_do(data_dir, tmp_path, capsys):
+    run_train(data_dir, tmp_path, "--max-steps", "3")
+    before = os.path.getmtime(tmp_path / "last.pt")
+    capsys.readouterr()
+    run_train(data_dir, tmp_path, "--max-steps", "2", "--resume")
+    out = capsys.readouterr().out
+    assert f"nothing to do: {tmp_path}/last.pt is at step 3 and --max-steps is 2" in out and "done" not in out
+    assert os.path.getmtime(tmp_path / "last.pt") == before
+
+
 def test_config_file_sets_defaults_and_flags_override(data_dir, tmp_path):
     config = tmp_path / "run.toml"
     config.write_text('attention = "alibi"\nmax_steps = 2\nn_embd = 48\n')
@@ -189,7 +259,6 @@ def test_bad_inputs_give_one_line_errors(data_dir, tmp_path, capsys):
     out = str(tmp_path / "o")
     assert "invalid choice: 'rope'" in error_of(capsys, train.main, ["--attention", "rope"])
     assert "data/prepare.py" in error_of(capsys, train.main, ["--data", str(tmp_path / "missing"), "--out-dir", out])
-    assert "must be positive" in error_of(capsys, run_train, data_dir, out, "--batch-size", "0")
     assert "no backward off CUDA" in error_of(capsys, run_train, data_dir, out, "--engine", "flex")
     bad = tmp_path / "bad.json"
     bad.write_text('{"attentionn": "bam"}')

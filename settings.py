@@ -1,0 +1,140 @@
+"""
+Settings, checked one way wherever they come from: a flag, a JSON or TOML config file, or code.
+
+A config field is declared with param(): its --help text, and for a number the interval it must
+lie in, written as in mathematics ("(0, inf)", "[0, 1)"). check() says what is wrong with a
+value in one phrase; flag_type() runs the same check on a flag's text inside argparse, and
+Parser makes every script's errors one line: `error: <problem>; see python <script> --help`.
+"""
+import argparse
+import math
+import os
+import sys
+import types
+from dataclasses import field, fields
+
+import torch
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+
+
+def fail(message):
+    """Stop with one line on stderr and no traceback (exit status 2, as argparse)."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def param(default, help, interval=None, choices=None):
+    """A config field with its --help text, and the interval or the choices its value must be in."""
+    return field(default=default, metadata={"help": help, "interval": interval, "choices": choices})
+
+
+def value_type(annotation):
+    """The type a setting holds: int for `int | None`."""
+    if isinstance(annotation, types.UnionType):
+        return next(t for t in annotation.__args__ if t is not type(None))
+    return annotation
+
+
+def requirement(kind, interval=None):
+    """In words: 'a whole number >= 1', 'a finite number >= 0 and < 1'."""
+    words = KINDS[kind]
+    if interval:
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        if low > -math.inf:
+            words += f" {'>=' if interval[0] == '[' else '>'} {low:g}"
+        if high < math.inf:
+            words += f"{' and' if low > -math.inf else ''} {'<=' if interval[-1] == ']' else '<'} {high:g}"
+    return words
+
+
+def check(value, annotation, interval=None, choices=None):
+    """What is wrong with `value` for a setting of this type (int, float | None, ...), interval and
+    choices, as 'must be a whole number >= 1, got 'ten''; None when nothing is."""
+    kind = value_type(annotation)
+    if value is None and kind is not annotation:  # an optional setting left unset
+        return None
+    if isinstance(value, bool) != (kind is bool):  # True is an int to Python, not to a setting
+        fits = False
+    else:
+        fits = isinstance(value, (int, float) if kind is float else kind)
+    if fits and kind is float:
+        fits = math.isfinite(value)
+    if fits and interval:
+        low, high = (float(x) for x in interval[1:-1].split(","))
+        fits = (low <= value if interval[0] == "[" else low < value) and \
+               (value <= high if interval[-1] == "]" else value < high)
+    if choices is not None and not (fits and value in choices):
+        return f"must be one of {', '.join(map(str, choices))}, got {value!r}"
+    return None if fits else f"must be {requirement(kind, interval)}, got {value!r}"
+
+
+def check_fields(config):
+    """Raise ValueError naming the first field of a param() dataclass whose value is wrong."""
+    for f in fields(config):
+        problem = check(getattr(config, f.name), f.type, f.metadata.get("interval"), f.metadata.get("choices"))
+        if problem:
+            raise ValueError(f"{f.name} {problem}")
+
+
+def flag_type(annotation, interval=None):
+    """An argparse type= that reads a flag's text as the setting's type, then check()s it."""
+    kind = value_type(annotation)
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {requirement(kind, interval)}, got {text!r}") from None
+        problem = check(value, kind, interval)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    return parse
+
+
+def comma_list(choices):
+    """An argparse type= for a comma list ('nope,bam') whose every item is one of choices."""
+    def parse(text):
+        items = [item.strip() for item in text.split(",")]
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown[0]!r}; choose from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def output_file(path):
+    """An argparse type= for a file written at the end of a run: its folder must exist now, not
+    after an hour of work."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder} does not exist; create it or give another path")
+    return path
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, not the usage and then the error."""
+
+    def __init__(self, **kwargs):  # prog= names the script in the errors
+        super().__init__(**{"formatter_class": argparse.RawDescriptionHelpFormatter} | kwargs)
+
+    def error(self, message):
+        fail(f"{message}; see python {self.prog} --help")
+
+
+def pick_device(name):
+    """'auto' is cuda, else mps, else cpu; a device asked for by name must exist here."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        fail(f"unknown --device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        fail(f"--device {name} was asked for but no such CUDA GPU is visible; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        fail("--device mps was asked for but MPS is not available; use --device cpu")
+    return device
