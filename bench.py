@@ -27,7 +27,7 @@ import torch
 import selfcheck
 from attention import VARIANTS, attend, ssmax_factor
 from model import GPT, GPTConfig, gpu_peak, native_bf16
-from settings import Parser, comma_list, flag_type, output_file, pick_device
+from settings import Parser, comma_list, flag_type, output_file, pick_device, run_main
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
@@ -294,4 +294,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,7 +30,7 @@ from data.synthetic import CITIES
 from attention import FLEX_BLOCK, choose_engine, document_ids
 from model import load_checkpoint, native_bf16
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
-from settings import Parser, flag_type, output_file, pick_device
+from settings import Parser, flag_type, output_file, pick_device, run_main
 
 # -----------------------------------------------------------------------------
 # the loss by position
@@ -283,8 +283,11 @@ def build_cells(model, enc, lengths, depths, args):
     tokenizer that does not fit the model fails at once."""
     haystack = None
     if args.haystack:
-        with open(args.haystack, encoding="utf-8", errors="replace") as f:
-            haystack = np.array(enc.encode_ordinary(f.read()), dtype=np.int64)
+        try:
+            with open(args.haystack, encoding="utf-8", errors="replace") as f:
+                haystack = np.array(enc.encode_ordinary(f.read()), dtype=np.int64)
+        except OSError as e:
+            raise ValueError(f"cannot read --haystack {args.haystack}: {e.strerror or e}") from None
     cells = {}
     for label, n in lengths:
         for depth in depths:
@@ -404,4 +407,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -301,5 +301,7 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # torch's own message would suggest weights_only=False
+            first_line = "not a PyTorch file of tensors and plain values"
         raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
     return model.to(device), checkpoint

@@ -7,7 +7,7 @@ import torch
 
 from data.shards import tokenizer_from_meta
 from model import load_checkpoint
-from settings import Parser, fail, flag_type, pick_device
+from settings import Parser, fail, flag_type, pick_device, run_main
 
 
 def parse_args(argv):
@@ -62,4 +62,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

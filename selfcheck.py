@@ -13,14 +13,13 @@ Check a GPU end to end before trusting it with a run: python bench.py --check (o
 Prints one PASS/FAIL table and exits non-zero on any failure. On a CPU it runs what a CPU can:
 flex forward only (no backward off CUDA), no bfloat16 kernels, no 64K forward.
 """
-import sys
 import time
 
 import torch
 
 from attention import VARIANTS, attend, ssmax_factor
 from model import GPT, GPTConfig, native_bf16
-from settings import Parser, comma_list, pick_device
+from settings import Parser, comma_list, pick_device, run_main
 
 LENGTHS = (1, 130, 1000)
 CHECKS = ("engines", "decode", "compile", "64K")
@@ -185,4 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

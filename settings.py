@@ -24,6 +24,16 @@ def fail(message):
     sys.exit(2)
 
 
+def run_main(main):
+    """A script's entry point: its exit status, and Ctrl-C as one line rather than a traceback
+    (train.py handles Ctrl-C itself: it saves first)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 def param(default, help, interval=None, choices=None):
     """A config field with its --help text, and the interval or the choices its value must be in."""
     return field(default=default, metadata={"help": help, "interval": interval, "choices": choices})

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from data.shards import LOSS_MASK_DIR, ShardWriter, read_header, read_meta, write_meta
 from data.synthetic import generate_documents, text_of
 from data.tokenizer import GPT2_EOT, TOKENIZERS, get_tokenizer
-from settings import Parser, flag_type
+from settings import Parser, flag_type, run_main
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -272,4 +272,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -323,7 +323,9 @@ def test_main_errors(tmp_path, capsys):
     empty.mkdir()
     write_meta(str(empty), tokenizer="bytes", vocab_size=257, eot_token=256)
     cases = [
-        (["--ckpt", str(junk)], "not a checkpoint"),
+        (["--ckpt", str(junk)], "not a checkpoint of this project's GPT (not a PyTorch file of tensors"),
+        (["--ckpt", ckpt, "--task", "niah", "--haystack", str(tmp_path / "none.txt")],
+         f"cannot read --haystack {tmp_path / 'none.txt'}: No such file"),
         (["--ckpt", ckpt, "--lengths", "100"], "minimum is"),
         (["--ckpt", ckpt, "--depths", "0,2"], "outside [0, 1]"),
         (["--ckpt", small_vocab, "--lengths", "1000"], "vocab_size 64"),

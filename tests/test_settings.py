@@ -13,7 +13,7 @@ import sample
 import selfcheck
 import train
 from data import prepare
-from settings import check
+from settings import check, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAINS = {"train.py": train.main, "sample.py": sample.main, "eval_extrapolate.py": eval_extrapolate.main,
@@ -144,3 +144,11 @@ def test_each_script_from_the_shell(script, argv):
     proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and f"see python {script}" in proc.stderr
+
+
+def test_ctrl_c_in_a_script_is_one_line(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as e:
+        run_main(interrupted)
+    assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
