@@ -46,11 +46,17 @@ def value_type(annotation):
     return annotation
 
 
+def bounds(interval):
+    """'[0, 1)' -> (0.0, 1.0); the brackets say whether each end belongs to the interval."""
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return low, high
+
+
 def requirement(kind, interval=None):
     """In words: 'a whole number >= 1', 'a finite number >= 0 and < 1'."""
     words = KINDS[kind]
     if interval:
-        low, high = (float(x) for x in interval[1:-1].split(","))
+        low, high = bounds(interval)
         if low > -math.inf:
             words += f" {'>=' if interval[0] == '[' else '>'} {low:g}"
         if high < math.inf:
@@ -71,7 +77,7 @@ def check(value, annotation, interval=None, choices=None):
     if fits and kind is float:
         fits = math.isfinite(value)
     if fits and interval:
-        low, high = (float(x) for x in interval[1:-1].split(","))
+        low, high = bounds(interval)
         fits = (low <= value if interval[0] == "[" else low < value) and \
                (value <= high if interval[-1] == "]" else value < high)
     if choices is not None and not (fits and value in choices):
