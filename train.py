@@ -10,9 +10,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
-import signal
 import tomllib
 from dataclasses import asdict, dataclass, fields
 
