@@ -5,9 +5,9 @@ A positional variant is a score function with FlexAttention's score_mod signatur
 
     score(s, b, h, q, kv, tables) -> s'        s = q.k / sqrt(d), q and kv absolute positions
 
-Learnable parameters never sit inside it: each variant first builds `tables` over the
-distance t = q - kv from its parameters (differentiable, so gradients reach them through the
-tables), and the score function only indexes those tables. The same function then runs in
+Learnable parameters never sit inside it: each variant's forward(n, device) first builds
+`tables` over the distance t = q - kv from its parameters (differentiable, so gradients reach
+them through the tables), and the score function only indexes those tables. The same function then runs in
 three engines:
 
     sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
@@ -18,7 +18,7 @@ three engines:
 SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards.
 The formulas are those of ../shared/docs/papers.md (copied into the README).
 
-Adding a prior: write a module with `tables(n, device)` returning {"prior": H x n tensor of
+Adding a prior: write a module whose forward(n, device) returns {"prior": H x n tensor of
 b_h(t)} and register it in VARIANTS; `prior_score` below does the rest.
 """
 import math
@@ -61,7 +61,7 @@ class NoPE(nn.Module):
     def __init__(self, config):
         super().__init__()
 
-    def tables(self, n, device):
+    def forward(self, n, device):
         return {}
 
     @staticmethod
@@ -78,7 +78,7 @@ class ALiBi(nn.Module):
         super().__init__()
         self.register_buffer("slopes", alibi_slopes(config.n_head), persistent=False)
 
-    def tables(self, n, device):
+    def forward(self, n, device):
         t = torch.arange(n, device=device, dtype=torch.float32)
         return {"prior": -self.slopes[:, None] * t}
 
@@ -100,10 +100,11 @@ class BAM(nn.Module):
         self.theta_beta = nn.Parameter(torch.ones(config.n_head))
         self.register_buffer("theta_mu", torch.zeros(config.n_head))
 
-    def tables(self, n, device):
-        t = torch.arange(n, device=device, dtype=torch.float32)
+    def forward(self, n, device):
+        dtype = torch.promote_types(self.theta_alpha.dtype, torch.float32)  # float32, float64 in float64 tests
+        t = torch.arange(n, device=device, dtype=dtype)
         mu = (self.theta_mu.exp() - (-self.theta_mu).exp())[:, None]
-        alpha, beta = self.theta_alpha.float().exp()[:, None], self.theta_beta.float()[:, None]
+        alpha, beta = self.theta_alpha.to(dtype).exp()[:, None], self.theta_beta.to(dtype)[:, None]
         return {"prior": -alpha * ((t - mu).abs() + self.eps) ** beta}
 
 
@@ -118,7 +119,7 @@ class ScaleInvariant(nn.Module):
         super().__init__()
         self.tau = config.scaleinv_tau
 
-    def tables(self, n, device):
+    def forward(self, n, device):
         log_t = torch.log1p(torch.arange(n, device=device, dtype=torch.float32) / self.tau)
         return {"a": torch.sqrt(2 * log_t + 1), "m": -2 * log_t}
 
@@ -150,7 +151,8 @@ def ssmax_factor(scale, batch, n_query, q_offset, doc):
         n = torch.arange(q_offset + 1, q_offset + n_query + 1, device=scale.device).expand(batch, -1)
     else:
         n = positions_in_document(doc)[:, q_offset:] + 1
-    return scale.float()[None, :, None] * torch.log(n.float())[:, None, :]
+    dtype = torch.promote_types(scale.dtype, torch.float32)
+    return scale.to(dtype)[None, :, None] * torch.log(n.to(dtype))[:, None, :]
 
 
 def make_score_mod(variant, tables, ssmax, q_offset):
@@ -211,21 +213,24 @@ def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
 
-def chunked_attention(q, k, v, score_mod, doc, q_offset, block):
-    """Online softmax over (query block x key block) tiles, in float32. Memory ~ B*H*block^2."""
+def chunked_attention(q, k, v, score_mod, doc, q_offset, block, return_lse=False):
+    """Online softmax over (query block x key block) tiles, in float32 (float64 for float64
+    inputs). Memory ~ B*H*block^2.
+    return_lse: also the log-sum-exp of each query's logits (B, H, Tq), as flex returns it."""
     B, H, Tq, D = q.shape
-    out = []
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    out, lse = [], []
     for qs in range(0, Tq, block):
         qe = min(qs + block, Tq)
-        q_tile = q[:, :, qs:qe].float() / math.sqrt(D)
-        m = torch.full((B, H, qe - qs, 1), float("-inf"), device=q.device)
+        q_tile = q[:, :, qs:qe].to(dtype) / math.sqrt(D)
+        m = torch.full((B, H, qe - qs, 1), float("-inf"), device=q.device, dtype=dtype)
         l = torch.zeros_like(m)
-        acc = torch.zeros(B, H, qe - qs, D, device=q.device)
+        acc = torch.zeros(B, H, qe - qs, D, device=q.device, dtype=dtype)
         k_end = q_offset + qe  # causal: later keys are never seen by this query block
         for ks in range(0, k_end, block):
             ke = min(ks + block, k_end)
             b, h, qi, ki = _index_grids(B, H, (qs, qe), (ks, ke), q.device, doc)
-            s = score_mod(q_tile @ k[:, :, ks:ke].float().transpose(-1, -2), b, h, qi, ki)
+            s = score_mod(q_tile @ k[:, :, ks:ke].to(dtype).transpose(-1, -2), b, h, qi, ki)
             if doc is not None or ke - 1 > qs + q_offset:  # tiles wholly in the past need no mask
                 s = torch.where(_allowed(b, qi, ki, q_offset, doc), s, float("-inf"))
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
@@ -233,10 +238,12 @@ def chunked_attention(q, k, v, score_mod, doc, q_offset, block):
             p = torch.exp(s - m_safe)
             correction = torch.exp(m - m_safe)
             l = l * correction + p.sum(dim=-1, keepdim=True)
-            acc = acc * correction + p @ v[:, :, ks:ke].float()
+            acc = acc * correction + p @ v[:, :, ks:ke].to(dtype)
             m = m_new
         out.append(acc / l)
-    return torch.cat(out, dim=2).to(q.dtype)
+        lse.append((m + torch.log(l)).squeeze(-1))
+    out = torch.cat(out, dim=2).to(q.dtype)
+    return (out, torch.cat(lse, dim=2)) if return_lse else out
 
 
 FLEX_BLOCK = 128  # FlexAttention's sparse block size: the block mask says which key blocks each query block sees
@@ -314,18 +321,22 @@ materialize.register_autograd(lambda ctx, grad: grad)
 _flex_compiled = None
 
 
-def flex_engine(q, k, v, score_mod, block_mask):
+def flex_engine(q, k, v, score_mod, block_mask, return_lse=False, enable_gqa=False):
+    """FlexAttention; return_lse and enable_gqa (q heads a multiple of k's) as flex_attention takes them."""
+    if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("FlexAttention has no backward off CUDA: train with --engine sdpa or chunked")
+    flex_args = dict(score_mod=score_mod, block_mask=block_mask, return_lse=return_lse, enable_gqa=enable_gqa)
     if q.device.type != "cuda" and not torch.compiler.is_compiling():
         with warnings.catch_warnings():  # eager flex: forward only, a reference off CUDA (it warns so)
             warnings.simplefilter("ignore")
-            return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+            return flex_attention(q, k, v, **flex_args)
     options = flex_kernel_options(q)
     if torch.compiler.is_compiling():  # inside a compiled model, flex is compiled with the rest
-        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
+        return flex_attention(q, k, v, **flex_args, kernel_options=options)
     global _flex_compiled
     if _flex_compiled is None:  # shapes become dynamic after the first new length: few recompiles
         _flex_compiled = torch.compile(flex_attention)
-    return _flex_compiled(q, k, v, score_mod=score_mod, block_mask=block_mask, kernel_options=options)
+    return _flex_compiled(q, k, v, **flex_args, kernel_options=options)
 
 
 def choose_engine(engine, plain, device, B, H, Tq, Tk):
@@ -342,7 +353,7 @@ def choose_engine(engine, plain, device, B, H, Tq, Tk):
 def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="auto", block=512, block_mask=None):
     """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) under a positional variant.
 
-    tables: variant.tables(Tk, device); ssmax: (B, H, Tq) factor or None; doc: (B, Tk) ids or
+    tables: variant(Tk, device); ssmax: (B, H, Tq) factor or None; doc: (B, Tk) ids or
     None; q_offset: absolute position of the first query (Tk - Tq with a KV cache); block_mask:
     flex_block_mask(...) when the caller builds it once for several layers.
     """
@@ -358,8 +369,6 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
     if engine == "chunked":
         return chunked_attention(q, k, v, score_mod, doc, q_offset, block)
     if engine == "flex":
-        if q.device.type != "cuda" and torch.is_grad_enabled() and q.requires_grad:
-            raise RuntimeError("FlexAttention has no backward off CUDA: train with --engine sdpa or chunked")
         if block_mask is None:
             block_mask = flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
         return flex_engine(q, k, v, score_mod, block_mask)

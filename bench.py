@@ -154,7 +154,7 @@ def bench_attention(name, engine, B, T, shape, device, dtype, warmup, runs):
     def run():  # as in a training step: tables and SSMax factor from the parameters, then attention
         with torch.set_grad_enabled(backward):
             ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
-            y = attend(q, k, v, variant, variant.tables(T, device), ssmax=ssmax, engine=engine,
+            y = attend(q, k, v, variant, variant(T, device), ssmax=ssmax, engine=engine,
                        block=config.attn_block)
             if backward:
                 torch.autograd.grad(y.float().sum(), leaves)

@@ -15,9 +15,11 @@ import torch.nn.functional as F
 
 from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, positions_in_document,
                        rotary_frequencies, ssmax_factor)
+from prior_grad import attend_exact, derivative_tables, route_problem
 from settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
+PRIOR_GRADS = ("passes", "table")
 
 
 @dataclass
@@ -42,6 +44,9 @@ class GPTConfig:
     key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
     engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked", choices=ENGINES)
     attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)", "[1, inf)")
+    prior_grad: str = param("passes", "how flex and chunked give the prior's and SSMax's parameters their gradient: "
+                            "passes (exact, from one more attention pass; no atomics) | table (through the tables "
+                            "the score function reads; flex sums it with atomics on CUDA)", choices=PRIOR_GRADS)
 
     def __post_init__(self):
         check_fields(self)  # types, ranges and choices, as a flag or a config file gets them
@@ -71,7 +76,7 @@ class CausalSelfAttention(nn.Module):
             fraction = 1.0 if config.rope == "full" else config.rope_fraction
             self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None):
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
@@ -87,8 +92,11 @@ class CausalSelfAttention(nn.Module):
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         ssmax = ssmax_factor(self.ssmax_scale, B, T, q_offset, doc) if self.config.ssmax else None
-        y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
-                   engine=engine, block=self.config.attn_block, block_mask=block_mask)
+        if derivatives is None:
+            y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
+                       engine=engine, block=self.config.attn_block, block_mask=block_mask)
+        else:  # the prior's and SSMax's gradients from prior_grad.py's extra pass
+            y = attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, self.config.attn_block, block_mask)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
     @staticmethod
@@ -127,8 +135,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None):
-        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask)
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None):
+        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask, derivatives)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -149,10 +157,23 @@ class GPT(nn.Module):
         # one positional variant shared by all layers (BAM's "global prior"), or one per layer
         n_variants = config.n_layer if config.bam_per_layer and config.attention == "bam" else 1
         self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_variants)])
+        self.exact_prior_grad = config.prior_grad == "passes" and self.prior_route_ok()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def prior_route_ok(self):
+        """Whether prior_grad.py's exact route can give the trained positional parameters and the
+        SSMax scale their gradients; if it cannot, says why (they then go through the tables)."""
+        variant, c = self.positional[0], self.config
+        if not c.ssmax and not any(p.requires_grad for p in variant.parameters()):
+            return False  # nothing trained: the plain path is the same
+        problem = route_problem(variant, c.n_head)
+        if problem:
+            print(f"note: --prior-grad passes does not apply to {c.attention} ({problem}); its parameters and the "
+                  f"SSMax scale get their gradient through the tables")
+        return problem is None
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -189,15 +210,18 @@ class GPT(nn.Module):
         # everything the layers share is made once per forward, outside the layer loop: the
         # positional tables, the engine, and flex's block mask (so torch.compile sees one graph)
         c = self.config
-        tables = [p.tables(n_keys, idx.device) for p in self.positional]
+        tables = [p(n_keys, idx.device) for p in self.positional]
         plain = c.attention == "nope" and not c.ssmax and doc is None
         engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys)
         block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
+        exact = self.exact_prior_grad and engine in ("flex", "chunked") and cache is None and torch.is_grad_enabled()
+        derivatives = [derivative_tables(p, c.n_head, n_keys, idx.device) if exact else None for p in self.positional]
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
-            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask)
+            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask,
+                      derivatives[j])
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):

@@ -52,7 +52,7 @@ def attention_case(name, engine, T, D, dtype, device, backward):
         params = [p for p in variant.parameters()] + ([] if scale is None else [scale.requires_grad_(backward)])
         with torch.set_grad_enabled(backward):
             ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, doc)  # float32, as in the model
-            y = attend(*leaves, variant, variant.tables(T, device), ssmax=ssmax, doc=doc, engine=engine, block=256)
+            y = attend(*leaves, variant, variant(T, device), ssmax=ssmax, doc=doc, engine=engine, block=256)
             if not backward:
                 return [y]
             grads = torch.autograd.grad((y.float() * torch.cos(y.float())).sum(), leaves + params)

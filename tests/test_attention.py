@@ -40,7 +40,7 @@ def reference_logit(name, S, h, i, j, H, n_i=None, alpha=None, beta=None, s_h=No
 
 
 def code_logit(v, S, h, i, j, n, ssmax=None, q_offset=0):
-    tables = {key: t.double() for key, t in v.tables(n, "cpu").items()}
+    tables = {key: t.double() for key, t in v(n, "cpu").items()}
     score_mod = make_score_mod(v, tables, ssmax, q_offset)
     return score_mod(torch.tensor(S, dtype=torch.float64), torch.tensor(0), torch.tensor(h),
                      torch.tensor(i - q_offset), torch.tensor(j)).item()
@@ -61,7 +61,7 @@ def test_fixed_variants_match_papers(name):
 
 def test_scaleinv_boundary_and_large_t():
     v = variant("scaleinv")
-    tables = v.tables(200_001, "cpu")
+    tables = v(200_001, "cpu")
     assert tables["a"][0].item() == 1.0 and tables["m"][0].item() == 0.0  # local tokens untouched
     t = 200_000
     assert tables["a"][t].item() == pytest.approx(math.sqrt(2 * math.log(t / 10 + 1) + 1), rel=1e-6)
@@ -178,7 +178,7 @@ def test_engines_agree_with_float64_reference(name, use_ssmax, use_doc):
     for T in (1, 37, 130, 1000):
         var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
         want = reference_attention(q, k, v, papers_logits(name, var, use_ssmax, doc), doc)
-        tables = var.tables(T, "cpu")
+        tables = var(T, "cpu")
         for engine in ENGINES:
             with torch.no_grad():
                 got = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine=engine, block=64)
@@ -198,7 +198,7 @@ def test_training_engines_agree_on_gradients(name):
         scale = torch.tensor(SSMAX_SCALE, requires_grad=True)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         ssmax = ssmax_factor(scale, B, T, 0, doc)
-        out = attend(q, k, v, var, var.tables(T, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=48)
+        out = attend(q, k, v, var, var(T, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=48)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads[engine] = [q.grad, k.grad, v.grad, scale.grad] + [p.grad for p in var.parameters()]
     for a, b in zip(grads["sdpa"], grads["chunked"]):
@@ -211,7 +211,7 @@ def test_kv_offset_matches_full_attention():
     """Queries at the end of a longer key sequence (the KV-cache case) see true positions."""
     for name in VARIANTS:
         var, q, k, v, ssmax, _ = random_case(name, 50, True, False)
-        tables = var.tables(50, "cpu")
+        tables = var(50, "cpu")
         full = attend(q, k, v, var, tables, ssmax=ssmax, engine="sdpa")
         for engine in ENGINES:
             with torch.no_grad():
@@ -223,7 +223,7 @@ def test_kv_offset_matches_full_attention():
 def test_flex_refuses_backward_off_cuda():
     var, q, k, v, _, _ = random_case("alibi", 8, False, False)
     with pytest.raises(RuntimeError, match="no backward off CUDA"):
-        attend(q.requires_grad_(), k, v, var, var.tables(8, "cpu"), engine="flex")
+        attend(q.requires_grad_(), k, v, var, var(8, "cpu"), engine="flex")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -232,7 +232,7 @@ def test_compiled_flex_on_cuda_matches_chunked():
         var, q, k, v, ssmax, doc = random_case(name, 1000, name == "bam", True)
         var, q, k, v, doc = var.cuda(), q.cuda(), k.cuda(), v.cuda(), doc.cuda()
         ssmax = None if ssmax is None else ssmax.cuda()
-        tables = var.tables(1000, "cuda")
+        tables = var(1000, "cuda")
         with torch.no_grad():
             a = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="flex")
             b = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="chunked")
@@ -252,7 +252,7 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
             super().__init__()
             self.log_width = nn.Parameter(torch.zeros(config.n_head))
 
-        def tables(self, n, device):
+        def forward(self, n, device):
             t = torch.arange(n, device=device, dtype=torch.float32)
             return {"prior": -torch.log1p((t / self.log_width.exp()[:, None]) ** 2)}
 
@@ -264,7 +264,7 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
     want = reference_attention(q, k, v, lambda S, h, i, j: cauchy(S - torch.log1p(((i - j) / width) ** 2), h, i, j), doc)
     for engine in ENGINES:
         with torch.no_grad():
-            got = attend(q, k, v, var, var.tables(70, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=32)
+            got = attend(q, k, v, var, var(70, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=32)
         assert (got.double() - want).abs().max() < 2e-5, engine
-    attend(q, k, v, var, var.tables(70, "cpu"), engine="sdpa").sum().backward()
+    attend(q, k, v, var, var(70, "cpu"), engine="sdpa").sum().backward()
     assert var.log_width.grad.abs().sum() > 0

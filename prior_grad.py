@@ -1,0 +1,158 @@
+"""
+Exact gradients for a learned positional prior and the SSMax scale, without flex's atomics.
+
+FlexAttention sums the gradient of a tensor that its score_mod reads (a prior's table, the SSMax
+factor) with an atomic add per score element: inside a compiled GPT-2 124M step on an H100 that
+made BAM+SSMax 3.7x slower than the same kernel with the table detached (design.md). Yet a prior
+has a few parameters per head. Here attention runs with detached tables and the SSMax factor
+folded into q, and the parameters get their exact gradient from one more attention pass, run
+forward only, for all of them at once.
+
+The math, per head. Logits L_ij = c_i (S_ij + f(t)), t = i - j, c_i the SSMax factor (1 without),
+P = softmax_j(L), O_i = sum_j P_ij v_j, lse_i = log sum_j exp(L_ij). For a parameter theta with
+g(t) = df(t)/dtheta, and D_i = dO_i . O_i,
+
+    dLoss/dtheta = sum_i c_i E_i(g),    dLoss/dc_i = (the S part, through c_i q_i) + E_i(f),
+    E_i(g) = sum_j P_ij g(t_ij) (dO_i . v_j - D_i).
+
+For t >= 1 write g = sigma (r + m): sigma = +-1, r >= 0 and m <= 0 a constant, which is 0 when g
+keeps one sign there (BAM's parameters, the README's Cauchy width; a trained centre would not).
+sum_{j != i} P_ij r_ij v_j is then an attention output: attention with logits L + log r (and -inf
+at t = 0) gives O'_i and lse'_i, with rho_i = exp(lse'_i - lse_i) = sum_{j != i} P_ij r_ij. As
+sum_j P_ij (dO_i . v_j - D_i) = 0, the t = 0 term and the constant m fold into the diagonal:
+
+    E_i(g) = dO_i . W_i,    W_i = sigma rho_i (O'_i - O_i) + (g(0) - sigma m) P_ii (v_i - O_i).
+
+W does not depend on dO, so it is made in the forward, and the gradient is attached by adding
+zero: O + (theta - theta.detach()) c_i W_i has O's value and, by the chain rule, exactly the
+gradient above. The passes for all parameters (and c) run as one attention call with the heads
+stacked, keys and values shared GQA-style.
+"""
+import math
+
+import torch
+
+from attention import chunked_attention, distance, flex_engine, make_score_mod, materialize
+
+
+def prior_table(variant, tables, n_head, n):
+    """f[h, t], what an additive variant adds to the score at distance t: its score at s = 0.
+    None for a variant without tables (NoPE adds nothing)."""
+    if not tables:
+        return None
+    device = next(iter(tables.values())).device
+    h, t = torch.arange(n_head, device=device)[:, None], torch.arange(n, device=device)[None, :]
+    return variant.score(0.0, 0, h, t, 0, tables).expand(n_head, n)
+
+
+def prior_with(variant, name, value, n_head, n, device):
+    """f of `variant` with its parameter `name` replaced by `value`."""
+    return prior_table(variant, torch.func.functional_call(variant, {name: value}, (n, device)), n_head, n)
+
+
+def derivative_tables(variant, n_head, n, device):
+    """[(theta, g)] for each trained parameter theta of the variant, g[h, t] = df_h(t) / dtheta_h,
+    by forward-mode AD: the tangent 1 on every head gives each head's own derivative, since a head's
+    prior depends on its own entry only (route_problem checks it)."""
+    return [(p, torch.func.jvp(lambda x: prior_with(variant, name, x, n_head, n, device),
+                               (p,), (torch.ones_like(p),))[1].detach())
+            for name, p in variant.named_parameters() if p.requires_grad]
+
+
+def route_problem(variant, n_head):
+    """Why the variant's parameters cannot get their gradient here, or None if they can: the score
+    must be S + f(h, t), and each parameter one value per head that moves only that head's prior."""
+    if not variant.additive:
+        return "its score is not additive (S + f(h, t))"
+    n = 8
+    tables = variant(n, "cpu")
+    f = prior_table(variant, tables, n_head, n)
+    if f is not None:
+        q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        at_q_kv = variant.score(0.0, 0, torch.arange(n_head)[:, None, None], q, kv, tables)
+        if not torch.equal(torch.where(q >= kv, at_q_kv, 0), torch.where(q >= kv, f[:, distance(q, kv)], 0)):
+            return "its score depends on more than the head and the distance"
+    for name, p in variant.named_parameters():
+        if p.shape != (n_head,):
+            return f"its parameter {name} has shape {tuple(p.shape)}, not one value per head"
+        jacobian = torch.func.jacfwd(lambda x: prior_with(variant, name, x, n_head, n, "cpu"))(p.detach())
+        if jacobian.mul(1 - torch.eye(n_head)[:, None, :]).abs().sum() > 0:  # (H, n, H): head h moved by h' != h
+            return f"its parameter {name} moves the prior of other heads too"
+    return None
+
+
+def attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask):
+    """(output, lse) of causal attention without KV cache, by flex or chunked. q may have a
+    multiple of k's heads: each group of consecutive query heads shares one key head."""
+    if engine == "flex":
+        return flex_engine(q, k, v, score_mod, block_mask, return_lse=True, enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return chunked_attention(q, k, v, score_mod, doc, 0, block, return_lse=True)
+
+
+def detached(t, engine):
+    """t without gradient; written to memory where compiled flex captures it (attention.materialize)."""
+    return materialize(t.detach()) if engine == "flex" and torch.compiler.is_compiling() else t.detach()
+
+
+@torch.no_grad()
+def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, block, block_mask):
+    """W of the module docstring for each (H, n) table in `derivatives`: (B, H, G, T, D), with q the
+    query as attention saw it (SSMax folded in) and score_mod the one that made out and lse."""
+    B, H, T, D = q.shape
+    dtype = torch.promote_types(out.dtype, torch.float32)
+    g = torch.stack(derivatives, dim=1)  # (H, G, n)
+    G = g.shape[1]
+    rest = g[..., 1:]
+    sign = torch.where(rest.sum(-1, keepdim=True) < 0, -1.0, 1.0)  # (H, G, 1)
+    m = torch.cat([sign * rest, torch.zeros_like(sign)], dim=-1).amin(-1, keepdim=True)  # <= 0
+    log_r = detached(torch.cat([torch.full_like(sign, -math.inf), torch.log(sign * rest - m)], dim=-1), engine)
+    log_r = log_r.flatten(0, 1)  # (H * G, n)
+
+    def stacked_score(s, b, h, q_idx, kv):  # query head h is quantity h % G of head h // G
+        return score_mod(s, b, h // G, q_idx, kv) + log_r[h, distance(q_idx, kv)]
+
+    spread_out, spread_lse = attend_with_lse(q.repeat_interleave(G, dim=1), k, v, stacked_score,
+                                             engine, doc, block, block_mask)
+    rho = torch.exp(spread_lse.view(B, H, G, T, 1) - lse.view(B, H, 1, T, 1))  # rows with no weight: 0
+    o = out.to(dtype)[:, :, None]
+    spread = torch.where(rho > 0, rho * (spread_out.to(dtype).view(B, H, G, T, D) - o), 0.0)
+    # the diagonal: P_ii = exp(L_ii - lse_i), L_ii from the same score function at q = kv = i
+    i = torch.arange(T, device=q.device)
+    s_diag = (q.to(dtype) * k.to(dtype)).sum(-1) / math.sqrt(D)
+    logit_diag = score_mod(s_diag, torch.arange(B, device=q.device)[:, None, None],
+                           torch.arange(H, device=q.device)[None, :, None], i, i)
+    p_diag = torch.exp(logit_diag - lse)[:, :, None, :, None]  # (B, H, 1, T, 1)
+    to_diag = (g[..., :1] - sign * m)[None, :, :, :, None]  # (1, H, G, 1, 1)
+    return (sign[None, ..., None] * spread + to_diag * p_diag * (v.to(dtype) - out.to(dtype))[:, :, None]).to(out.dtype)
+
+
+def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, block, block_mask):
+    """Causal attention as attention.attend gives it (flex or chunked, no KV cache), with the
+    gradients of the prior's parameters and of the SSMax factor from the route above.
+    derivatives: derivative_tables(variant, ...)."""
+    H = q.shape[1]
+    tables = {key: detached(t, engine) for key, t in tables.items()}
+    c = None if ssmax is None else detached(ssmax, engine)
+    with_c = make_score_mod(variant, tables, c, 0)
+
+    def score_mod(s, b, h, q_idx, kv):  # (S + f) c = (c q).k / sqrt(d) + f c: c is folded into q
+        return s + with_c(0.0, b, h, q_idx, kv)
+
+    if ssmax is not None:
+        q = q * ssmax[..., None].to(q.dtype)  # the S part of the SSMax gradient flows through here
+    out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask)
+    f = prior_table(variant, tables, H, q.shape[2])
+    c_trained = ssmax is not None and ssmax.requires_grad and f is not None
+    if not derivatives and not c_trained:
+        return out
+    weights = gradient_weights(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), score_mod,
+                               [f] * c_trained + [g for _, g in derivatives], engine, doc, block, block_mask)
+    # add zero with the exact gradient (module docstring)
+    if c_trained:
+        out = out + (ssmax - ssmax.detach())[..., None].to(out.dtype) * weights[:, :, 0]
+    row = 1 if c is None else c[..., None].to(out.dtype)
+    for n, (theta, _) in enumerate(derivatives, start=int(c_trained)):
+        out = out + (theta - theta.detach()).view(1, H, 1, 1).to(out.dtype) * (row * weights[:, :, n])
+    return out
