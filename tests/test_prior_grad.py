@@ -1,0 +1,182 @@
+"""prior_grad.py's exact route against autograd through sdpa, in float64: every gradient of an
+attention call (q, k, v, each prior parameter, the SSMax scale), the forward passes of both
+engines, the per-layer prior in a whole model, and the fallback for variants it cannot take."""
+import pytest
+import torch
+import torch.nn as nn
+
+from attention import BAM, attend, flex_block_mask, make_score_mod, prior_score, ssmax_factor
+import model as model_module
+from model import GPT, GPTConfig
+from prior_grad import attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_table, route_problem
+
+H, D, B = 4, 8, 2
+TOLERANCE = 1e-9  # float64: the route and autograd differ by rounding only (1e-15 seen)
+
+
+class Cauchy(nn.Module):
+    """The README's example: b_h(t) = -log(1 + (t / w_h)^2), width w_h learned."""
+    additive = True
+    score = staticmethod(prior_score)
+
+    def __init__(self, config):
+        super().__init__()
+        self.log_width = nn.Parameter(torch.linspace(-1, 2, config.n_head))
+
+    def forward(self, n, device):
+        t = torch.arange(n, device=device, dtype=self.log_width.dtype)
+        return {"prior": -torch.log1p((t / self.log_width.exp()[:, None]) ** 2)}
+
+
+class Centred(nn.Module):
+    """A prior around a learned distance c_h: b_h(t) = -a_h (t - c_h)^2. Its derivative in c_h
+    changes sign at t = c_h: the route's shifted case (m < 0), and a large t = 0 term."""
+    additive = True
+    score = staticmethod(prior_score)
+
+    def __init__(self, config):
+        super().__init__()
+        self.log_a = nn.Parameter(torch.linspace(-6, -3, config.n_head))
+        self.centre = nn.Parameter(torch.tensor([0.0, 3.0, 10.0, 30.0])[:config.n_head])
+
+    def forward(self, n, device):
+        t = torch.arange(n, device=device, dtype=self.centre.dtype)
+        return {"prior": -self.log_a.exp()[:, None] * (t - self.centre[:, None]) ** 2}
+
+
+class SharedWidth(Cauchy):
+    """One width for all heads: not per head, so the route does not apply."""
+    def __init__(self, config):
+        nn.Module.__init__(self)
+        self.n_head = config.n_head
+        self.log_width = nn.Parameter(torch.zeros(1))
+
+    def forward(self, n, device):
+        t = torch.arange(n, device=device, dtype=self.log_width.dtype)
+        return {"prior": -torch.log1p((t / self.log_width.exp().expand(self.n_head)[:, None]) ** 2)}
+
+
+class MixedHeads(Cauchy):
+    """Per-head parameters that each move every head's prior: not per head either."""
+    def forward(self, n, device):
+        t = torch.arange(n, device=device, dtype=self.log_width.dtype)
+        return {"prior": -torch.log1p((t / self.log_width.exp().cumsum(0)[:, None]) ** 2)}
+
+
+def make_variant(name):
+    config = GPTConfig(n_head=H, n_embd=H * D)
+    if name == "bam":
+        var = BAM(config)
+        with torch.no_grad():  # local heads and retrieval heads (beta < 0); beta = 0.1 makes P_ii large
+            var.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]))
+        return var.double()
+    return {"cauchy": Cauchy, "centred": Centred}[name](config).double()
+
+
+def gradients(var, T, doc, exact, seed=0):
+    """Output and gradients of (q, k, v, the variant's parameters, the SSMax scale)."""
+    torch.manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    scale = torch.linspace(0.8, 1.5, H, dtype=torch.float64, requires_grad=True)
+    c = ssmax_factor(scale, B, T, 0, doc)
+    if exact:
+        y = attend_exact(q, k, v, var, var(T, "cpu"), derivative_tables(var, H, T, "cpu"), c, doc, "chunked", 64, None)
+    else:
+        y = attend(q, k, v, var, var(T, "cpu"), ssmax=c, doc=doc, engine="sdpa")
+    leaves = [q, k, v, *var.parameters(), scale]
+    return [y] + list(torch.autograd.grad((y * torch.cos(3 * y)).sum(), leaves))
+
+
+def documents(T, use_doc):
+    return torch.sort(torch.randint(0, 3, (B, T), generator=torch.Generator().manual_seed(T)), dim=1).values \
+        if use_doc else None
+
+
+@pytest.mark.parametrize("name", ["bam", "cauchy", "centred"])
+@pytest.mark.parametrize("use_doc", [False, True])
+@pytest.mark.parametrize("T", [1, 37, 130, 1000])
+def test_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, T):
+    var = make_variant(name)
+    assert route_problem(var, H) is None
+    doc = documents(T, use_doc)
+    want, got = gradients(var, T, doc, exact=False), gradients(var, T, doc, exact=True)
+    labels = ["out", "q", "k", "v", *(n for n, _ in var.named_parameters()), "ssmax scale"]
+    for label, a, b in zip(labels, got, want):
+        error = ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+        assert error < TOLERANCE, f"{label}: relative error {error:.1e}"
+    if T > 1:  # the prior and SSMax gradients are really there
+        assert all(g.abs().min() > 0 for g in want[4:])
+
+
+@pytest.mark.parametrize("use_doc", [False, True])
+@pytest.mark.parametrize("T", [1, 130, 300])
+def test_flex_runs_the_passes_as_chunked_does(use_doc, T):
+    """The route's forward passes through flex (eager on the CPU, GQA-stacked heads) equal chunked's."""
+    var = make_variant("bam")
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    doc = documents(T, use_doc)
+    c = ssmax_factor(torch.linspace(0.8, 1.5, H, dtype=torch.float64), B, T, 0, doc)
+    tables = {key: t.detach() for key, t in var(T, "cpu").items()}
+    with_c = make_score_mod(var, tables, c, 0)
+
+    def score_mod(s, b, h, q_idx, kv):
+        return s + with_c(0.0, b, h, q_idx, kv)
+
+    derivatives = [prior_table(var, tables, H, T)] + [g for _, g in derivative_tables(var, H, T, "cpu")]
+    mask = flex_block_mask(B, T, T, 0, doc, "cpu")
+    results = []
+    for engine in ("flex", "chunked"):
+        out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, 64, mask)
+        results.append((out, lse, gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, 64, mask)))
+    for a, b in zip(*results):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
+    """GPT with one BAM prior per layer, SSMax and documents: the route (chunked engine) gives
+    the loss and every parameter's gradient of the sdpa engine."""
+    calls = []
+    monkeypatch.setattr(model_module, "attend_exact", lambda *args: calls.append(args[3]) or attend_exact(*args))
+    idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
+    idx[:, 60] = 0
+    grads = []
+    for engine in ("chunked", "sdpa"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(attention="bam", bam_per_layer=True, n_layer=3, n_head=H, n_embd=H * D,
+                              vocab_size=64, engine=engine, attn_block=64)).double()
+        with torch.no_grad():
+            for i, prior in enumerate(model.positional):
+                prior.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]) + 0.2 * i)
+        assert model.exact_prior_grad
+        loss = model(idx, idx, doc=torch.cumsum(idx == 0, dim=1))[1]
+        loss.backward()
+        grads.append([loss] + [p.grad for p in model.parameters()])
+        if engine == "chunked":  # each layer took the route, with its own prior; sdpa never does
+            assert calls == list(model.positional)
+    assert len(calls) == 3
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert all(p.grad.abs().min() > 0 for p in model.positional.parameters())
+
+
+@pytest.mark.parametrize("variant, problem", [(SharedWidth, "has shape (1,), not one value per head"),
+                                              (MixedHeads, "log_width moves the prior of other heads too")])
+def test_variants_the_route_cannot_take_fall_back_and_say_so(monkeypatch, capsys, variant, problem):
+    monkeypatch.setitem(__import__("attention").VARIANTS, "custom", variant)
+    assert problem in route_problem(variant(GPTConfig(n_head=H, n_embd=H * D)), H)
+    model = GPT(GPTConfig(attention="custom", n_layer=1, n_head=H, n_embd=H * D, vocab_size=64, engine="chunked"))
+    assert "--prior-grad passes does not apply to custom" in capsys.readouterr().out
+    assert not model.exact_prior_grad
+    idx = torch.randint(64, (1, 40))
+    model(idx, idx)[1].backward()
+    assert model.positional[0].log_width.grad.abs().sum() > 0
+
+
+def test_scaleinv_with_ssmax_falls_back_and_nothing_trained_takes_the_plain_path(capsys):
+    scaleinv = GPT(GPTConfig(attention="scaleinv", ssmax=True, n_layer=1, n_head=H, n_embd=H * D, vocab_size=64))
+    assert not scaleinv.exact_prior_grad and "not additive" in capsys.readouterr().out
+    for name in ("nope", "alibi"):  # no prior parameter, no SSMax: nothing for the route to do
+        assert not GPT(GPTConfig(attention=name, n_layer=1, n_head=H, n_embd=H * D, vocab_size=64)).exact_prior_grad
+    assert GPT(GPTConfig(attention="bam", prior_grad="table", n_layer=1, n_head=H, n_embd=H * D)).exact_prior_grad \
+        is False
