@@ -58,7 +58,7 @@ class TrainConfig:
         check_fields(self)
 
 
-RUNTIME_FIELDS = {"engine", "attn_block"}  # may differ on resume: they do not change the model
+RUNTIME_FIELDS = {"engine", "attn_block", "prior_grad"}  # may differ on resume: they do not change the model
 MODEL_FLAGS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 SETTINGS = {f.name: f for f in fields(TrainConfig) + tuple(MODEL_FLAGS)}
 
