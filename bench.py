@@ -12,6 +12,10 @@ Benchmark the positional variants in one run, so that their ratios are fair.
     python bench.py --sections train --variants nope,bam --out bench.json
     python bench.py --check                          # correctness self-check first, on a new GPU
 
+Where a variant trains a prior or an SSMax scale and the engine is flex or chunked, train and attn
+time each --prior-grad route in its own row (grad column): passes (prior_grad.py: an exact extra
+attention pass) and table (the gradient through the tables, which flex sums with atomics).
+
 On CUDA the train and long sections print the project's H100 targets under their numbers, for the
 reader (nothing is asserted). Each long cell runs one untimed forward first (compilation).
 """
@@ -25,8 +29,9 @@ import time
 import torch
 
 import selfcheck
-from attention import VARIANTS, attend, ssmax_factor
+from attention import VARIANTS, attend, choose_engine, ssmax_factor
 from model import GPT, GPTConfig, gpu_peak, native_bf16
+from prior_grad import attend_exact, derivative_tables
 from settings import Parser, comma_list, flag_type, output_file, pick_device, run_main
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
@@ -35,6 +40,7 @@ FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn
 TINY = dict(model=dict(n_layer=2, n_head=2, n_embd=64, vocab_size=320, attn_block=64),
             block=128, batch=4, attn=((128, 4), (256, 2)), lengths="2K,4K")
 SECTIONS = ("train", "attn", "long")
+ROUTES = ("passes", "table")  # --prior-grad's two ways, timed side by side
 
 
 def token_counts(text):
@@ -56,6 +62,10 @@ def get_args(argv):
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
     p.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
                    help="comma list of sections: train, attn, long")
+    p.add_argument("--prior-grad", type=comma_list(ROUTES), default=list(ROUTES),
+                   help="comma list of the ways a trained prior and SSMax scale get their gradient under flex and "
+                        "chunked, timed side by side: passes (exact extra pass), table (through the tables; "
+                        "atomics in flex). Default both")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"),
                    help="timed training steps and timed attention runs (default 20; 2 with --tiny)")
     p.add_argument("--warmup", type=flag_type(int, "[0, inf)"),
@@ -121,8 +131,24 @@ def cell(fn, device):
 # ----------------------------------------------------------------------------------------
 # the three measurements
 
-def bench_train(name, shape, device, dtype, compile, warmup, steps):
-    config = GPTConfig(block_size=shape["block"], attention=name, **shape["model"])
+def prior_grad_routes(name, engine, args):
+    """The --prior-grad routes to time for a variant on an engine: those asked for where they differ
+    (flex or chunked, a trained prior or SSMax scale the route can take), else '-' (one row)."""
+    config = GPTConfig(attention=name, **(args.shape["model"] | dict(n_layer=1, vocab_size=64)))
+    return args.prior_grad if engine in ("flex", "chunked") and GPT(config).exact_prior_grad else ["-"]
+
+
+def training_engine(name, args):
+    """The engine a training step of the variant runs on ('auto' as the model resolves it)."""
+    config = GPTConfig(attention=name, **args.shape["model"])
+    plain = name == "nope" and not config.ssmax
+    T = args.shape["block"]
+    return choose_engine("auto", plain, args.device, args.shape["batch"], config.n_head, T, T)
+
+
+def bench_train(name, route, shape, device, dtype, compile, warmup, steps):
+    config = GPTConfig(block_size=shape["block"], attention=name, prior_grad="auto" if route == "-" else route,
+                       **shape["model"])
     model = GPT(config).to(device)
     optimizer = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     train_model = torch.compile(model) if compile else model
@@ -142,7 +168,7 @@ def bench_train(name, shape, device, dtype, compile, warmup, steps):
     return dict(ms_per_iter=1e3 * seconds, tokens_per_s=x.numel() / seconds, tflops=flops / seconds / 1e12)
 
 
-def bench_attention(name, engine, B, T, shape, device, dtype, warmup, runs):
+def bench_attention(name, engine, route, B, T, shape, device, dtype, warmup, runs):
     config = GPTConfig(attention=name, **shape["model"])  # gives the variant its heads and options
     H, D = config.n_head, config.n_embd // config.n_head
     variant = VARIANTS[name](config).to(device)
@@ -154,8 +180,12 @@ def bench_attention(name, engine, B, T, shape, device, dtype, warmup, runs):
     def run():  # as in a training step: tables and SSMax factor from the parameters, then attention
         with torch.set_grad_enabled(backward):
             ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
-            y = attend(q, k, v, variant, variant(T, device), ssmax=ssmax, engine=engine,
-                       block=config.attn_block)
+            tables = variant(T, device)
+            if route == "passes":
+                y = attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device), ssmax, None,
+                                 engine, config.attn_block, None)
+            else:
+                y = attend(q, k, v, variant, tables, ssmax=ssmax, engine=engine, block=config.attn_block)
             if backward:
                 torch.autograd.grad(y.float().sum(), leaves)
 
@@ -187,19 +217,22 @@ def train_section(args, results):
     print(f"\n== train: batch {args.shape['batch']} x block {args.shape['block']}, {args.warmup} warmup + "
           f"{args.steps} timed steps; " + (f"MFU against {args.peak_label} {peak:g} TFLOP/s" if peak
                                            else "MFU n/a (unknown peak: pass --peak-tflops)"))
-    print(f"{'variant':10} {'ms/iter':>9} {'tok/s':>10} {'MFU':>7} {'vs nope':>8}")
+    print(f"{'variant':10} {'grad':6} {'ms/iter':>9} {'tok/s':>10} {'MFU':>7} {'vs nope':>8}")
     for v in args.variants:
-        r = results["train"][v] = cell(lambda: bench_train(v, args.shape, args.device, args.torch_dtype,
-                                                           args.compile, args.warmup, args.steps), args.device)
-        if r is None:
-            print(f"{v:10} {'OOM':>9}")
-            continue
-        base = results["train"].get("nope")
-        r["mfu"] = r["tflops"] / peak if peak else None
-        r["vs_nope"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
-        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        ratio = f"{r['vs_nope']:.2f}" if r["vs_nope"] is not None else "n/a"
-        print(f"{v:10} {r['ms_per_iter']:9.2f} {r['tokens_per_s'] / 1e3:9.1f}K {mfu:>7} {ratio:>8}")
+        for route in prior_grad_routes(v, training_engine(v, args), args):
+            r = cell(lambda: bench_train(v, route, args.shape, args.device, args.torch_dtype, args.compile,
+                                         args.warmup, args.steps), args.device)
+            results["train"].append(dict(variant=v, prior_grad=route, **(r or dict(tokens_per_s=None))))
+            if r is None:
+                print(f"{v:10} {route:6} {'OOM':>9}")
+                continue
+            base = next((b for b in results["train"] if b["variant"] == "nope" and b["tokens_per_s"]), None)
+            r = results["train"][-1]
+            r["mfu"] = r["tflops"] / peak if peak else None
+            r["vs_nope"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+            mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+            ratio = f"{r['vs_nope']:.2f}" if r["vs_nope"] is not None else "n/a"
+            print(f"{v:10} {route:6} {r['ms_per_iter']:9.2f} {r['tokens_per_s'] / 1e3:9.1f}K {mfu:>7} {ratio:>8}")
     if args.device.type == "cuda":
         print("targets (H100): nope >= 480K tok/s (1.1x nanoGPT bench.py's 439K); others >= 0.85x nope")
 
@@ -209,15 +242,18 @@ def attn_section(args, results):
     print(f"\n== attn: attention only, {args.dtype}, H={H}, d={args.shape['model']['n_embd'] // H}, "
           f"median of {args.steps} runs after {args.warmup} warmup"
           + ("" if args.device.type == "cuda" else "; flex runs forward only off CUDA"))
-    print(f"{'variant':10} {'engine':8} {'B':>3} {'T':>6} {'mode':>8} {'ms':>10}")
+    print(f"{'variant':10} {'engine':8} {'grad':6} {'B':>3} {'T':>6} {'mode':>8} {'ms':>10}")
     for T, B in args.shape["attn"]:
         for engine in ("sdpa", "flex", "chunked"):
             for v in args.variants:
-                r = cell(lambda: bench_attention(v, engine, B, T, args.shape, args.device, args.torch_dtype,
-                                                 args.warmup, args.steps), args.device)
-                results["attention"].append(dict(variant=v, engine=engine, B=B, T=T, **(r or dict(ms=None))))
-                mode = "" if r is None else r["mode"]
-                print(f"{v:10} {engine:8} {B:3d} {T:6d} {mode:>8} {fmt(r and r['ms'], '10.2f'):>10}")
+                backward = engine != "flex" or args.device.type == "cuda"
+                for route in prior_grad_routes(v, engine, args) if backward else ["-"]:
+                    r = cell(lambda: bench_attention(v, engine, route, B, T, args.shape, args.device,
+                                                     args.torch_dtype, args.warmup, args.steps), args.device)
+                    results["attention"].append(dict(variant=v, engine=engine, prior_grad=route, B=B, T=T,
+                                                     **(r or dict(ms=None))))
+                    mode = "" if r is None else r["mode"]
+                    print(f"{v:10} {engine:8} {route:6} {B:3d} {T:6d} {mode:>8} {fmt(r and r['ms'], '10.2f'):>10}")
 
 
 def long_section(args, results):
@@ -235,20 +271,22 @@ def long_section(args, results):
 
 
 def summary(args, results):
-    """One line per variant: training throughput, fastest engine at the longest attention T,
-    seconds of each long forward."""
+    """One line per variant: training throughput (per --prior-grad route), fastest engine at the
+    longest attention T, seconds of each long forward."""
     print("\n== summary")
     for v in args.variants:
         parts = []
-        r = results["train"].get(v)
-        if r:
-            ratio = f" ({r['vs_nope']:.2f}x nope)" if r["vs_nope"] is not None else ""
-            parts.append(f"train {r['tokens_per_s'] / 1e3:.1f}K tok/s{ratio}")
+        for r in results["train"]:
+            if r["variant"] == v and r["tokens_per_s"]:
+                route = "" if r["prior_grad"] == "-" else f" ({r['prior_grad']})"
+                ratio = f", {r['vs_nope']:.2f}x nope" if r["vs_nope"] is not None else ""
+                parts.append(f"train{route} {r['tokens_per_s'] / 1e3:.1f}K tok/s{ratio}")
         timed_attn = [a for a in results["attention"] if a["variant"] == v and a["ms"] and a["mode"] == "fwd+bwd"]
         if timed_attn:
             T = max(a["T"] for a in timed_attn)
             best = min((a for a in timed_attn if a["T"] == T), key=lambda a: a["ms"])
-            parts.append(f"attn T={T} {best['engine']} {best['ms']:.2f} ms")
+            route = "" if best["prior_grad"] == "-" else f" ({best['prior_grad']})"
+            parts.append(f"attn T={T} {best['engine']}{route} {best['ms']:.2f} ms")
         parts += [f"{tokens_str(r['tokens'])} {fmt(r['seconds'], '.2f', ' s')}"
                   for r in results["long"] if r["variant"] == v]
         print(f"{v:10} " + ", ".join(parts))
@@ -282,7 +320,7 @@ def main(argv=None):
     print(f"device {name}, torch {torch.__version__}, {args.dtype}, compile {args.compile}, "
           f"{'tiny' if args.tiny else 'GPT-2 124M'} shape {args.shape['model']}")
     results = dict(device=name, torch=torch.__version__, dtype=args.dtype, compile=args.compile, tiny=args.tiny,
-                   peak_tflops=args.peak_tflops, train={}, attention=[], long=[])
+                   peak_tflops=args.peak_tflops, train=[], attention=[], long=[])
     for section, run in (("train", train_section), ("attn", attn_section), ("long", long_section)):
         if section in args.sections:
             run(args, results)

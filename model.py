@@ -19,7 +19,7 @@ from prior_grad import attend_exact, derivative_tables, route_problem
 from settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
-PRIOR_GRADS = ("passes", "table")
+PRIOR_GRADS = ("auto", "passes", "table")
 
 
 @dataclass
@@ -44,9 +44,10 @@ class GPTConfig:
     key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
     engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked", choices=ENGINES)
     attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)", "[1, inf)")
-    prior_grad: str = param("passes", "how flex and chunked give the prior's and SSMax's parameters their gradient: "
+    prior_grad: str = param("auto", "how flex and chunked give the prior's and SSMax's parameters their gradient: "
                             "passes (exact, from one more attention pass; no atomics) | table (through the tables "
-                            "the score function reads; flex sums it with atomics on CUDA)", choices=PRIOR_GRADS)
+                            "the score function reads; flex sums it with atomics) | auto (passes on flex, table on "
+                            "chunked, where it is faster on a CPU)", choices=PRIOR_GRADS)
 
     def __post_init__(self):
         check_fields(self)  # types, ranges and choices, as a flag or a config file gets them
@@ -157,7 +158,7 @@ class GPT(nn.Module):
         # one positional variant shared by all layers (BAM's "global prior"), or one per layer
         n_variants = config.n_layer if config.bam_per_layer and config.attention == "bam" else 1
         self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_variants)])
-        self.exact_prior_grad = config.prior_grad == "passes" and self.prior_route_ok()
+        self.exact_prior_grad = config.prior_grad != "table" and self.prior_route_ok()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -214,7 +215,9 @@ class GPT(nn.Module):
         plain = c.attention == "nope" and not c.ssmax and doc is None
         engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys)
         block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
-        exact = self.exact_prior_grad and engine in ("flex", "chunked") and cache is None and torch.is_grad_enabled()
+        # prior_grad.py's exact route: on flex (auto, passes) and chunked (passes), when training
+        exact = self.exact_prior_grad and cache is None and torch.is_grad_enabled() and (
+            engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
         derivatives = [derivative_tables(p, c.n_head, n_keys, idx.device) if exact else None for p in self.positional]
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)

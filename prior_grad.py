@@ -32,7 +32,7 @@ import math
 
 import torch
 
-from attention import chunked_attention, distance, flex_engine, make_score_mod, materialize
+from attention import chunked_attention, distance, flex_block_mask, flex_engine, make_score_mod, materialize
 
 
 def prior_table(variant, tables, n_head, n):
@@ -132,7 +132,9 @@ def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, bloc
     """Causal attention as attention.attend gives it (flex or chunked, no KV cache), with the
     gradients of the prior's parameters and of the SSMax factor from the route above.
     derivatives: derivative_tables(variant, ...)."""
-    H = q.shape[1]
+    B, H, T, _ = q.shape
+    if engine == "flex" and block_mask is None:
+        block_mask = flex_block_mask(B, T, T, 0, doc, q.device)
     tables = {key: detached(t, engine) for key, t in tables.items()}
     c = None if ssmax is None else detached(ssmax, engine)
     with_c = make_score_mod(variant, tables, c, 0)
@@ -143,7 +145,7 @@ def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, bloc
     if ssmax is not None:
         q = q * ssmax[..., None].to(q.dtype)  # the S part of the SSMax gradient flows through here
     out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask)
-    f = prior_table(variant, tables, H, q.shape[2])
+    f = prior_table(variant, tables, H, T)
     c_trained = ssmax is not None and ssmax.requires_grad and f is not None
     if not derivatives and not c_trained:
         return out

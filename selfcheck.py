@@ -3,7 +3,8 @@ Check a GPU end to end before trusting it with a run: python bench.py --check (o
 
   engines  flex and chunked against sdpa (float32 math) for every variant, documents masked,
            at lengths 1, 130 and 1000, float32 and bfloat16, head sizes 64 and 128: outputs and
-           the gradients of q, k, v, the prior's parameters and the SSMax scale
+           the gradients of q, k, v, the prior's parameters and the SSMax scale; "+passes" rows
+           take those gradients from prior_grad.py's exact extra pass (flex on CUDA, chunked here)
   decode   KV-cache generation (flex prefill, sdpa decoding) against full recomputation
   compile  the whole model under torch.compile: one graph, no break, per variant; one training
            step (forward, backward, AdamW) matching the eager loss; frames compiled over 6
@@ -19,6 +20,7 @@ import torch
 
 from attention import VARIANTS, attend, ssmax_factor
 from model import GPT, GPTConfig, native_bf16
+from prior_grad import attend_exact, derivative_tables
 from settings import Parser, comma_list, pick_device, run_main
 
 LENGTHS = (1, 130, 1000)
@@ -52,7 +54,11 @@ def attention_case(name, engine, T, D, dtype, device, backward):
         params = [p for p in variant.parameters()] + ([] if scale is None else [scale.requires_grad_(backward)])
         with torch.set_grad_enabled(backward):
             ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, doc)  # float32, as in the model
-            y = attend(*leaves, variant, variant(T, device), ssmax=ssmax, doc=doc, engine=engine, block=256)
+            if engine.endswith("+passes"):
+                y = attend_exact(*leaves, variant, variant(T, device), derivative_tables(variant, H, T, device), ssmax,
+                                 doc, engine.split("+")[0], 256, None)
+            else:
+                y = attend(*leaves, variant, variant(T, device), ssmax=ssmax, doc=doc, engine=engine, block=256)
             if not backward:
                 return [y]
             grads = torch.autograd.grad((y.float() * torch.cos(y.float())).sum(), leaves + params)
@@ -139,7 +145,7 @@ def main(argv=None):
         nonlocal failed
         failed += not ok
         rows.append((check, variant, setting, detail, "PASS" if ok else "FAIL"))
-        print(f"  {check:8} {variant:9} {setting:28} {detail:34} {rows[-1][-1]}", flush=True)
+        print(f"  {check:8} {variant:9} {setting:38} {detail:34} {rows[-1][-1]}", flush=True)
 
     def guarded(check, variant, setting, fn):
         try:
@@ -149,12 +155,13 @@ def main(argv=None):
 
     print(f"  {'check':8} {'variant':9} {'setting':28} {'detail':34} result")
     for v in variants:
-        for engine in ("flex", "chunked") if "engines" in checks else ():
+        passes = "flex+passes" if cuda else "chunked+passes"  # the exact prior gradient where it trains
+        for engine in ("flex", "chunked", passes) if "engines" in checks else ():
             for dtype in dtypes:
                 for D in (64, 128):
                     def engines(v=v, engine=engine, dtype=dtype, D=D):
                         torch._dynamo.reset()  # each dtype and head size compiles flex anew: no recompile limit
-                        backward = cuda or engine != "flex"
+                        backward = cuda or not engine.startswith("flex")
                         errors = [attention_case(v, engine, T, D, dtype, device, backward) for T in LENGTHS]
                         report("engines", v, f"{engine} {str(dtype)[6:]} hs={D} {'fwd+bwd' if backward else 'fwd'}",
                                "err " + " ".join(f"{e:.0e}" for e in errors) + f" (T={','.join(map(str, LENGTHS))})",

@@ -26,17 +26,20 @@ def test_bench_tiny_runs_every_section(tmp_path):
 
     train, attn, long = (section_rows(proc.stdout, s) for s in ("train", "attn", "long"))
     assert train == list(VARIANTS)
-    # 2 attention lengths x 3 engines (sdpa, flex forward only on CPU, chunked), 2 long lengths
-    assert sorted(attn) == sorted(VARIANTS * 6) and sorted(long) == sorted(VARIANTS * 2)
+    # 2 attention lengths x 3 engines (sdpa, flex forward only on CPU, chunked), 2 long lengths; bam
+    # trains a prior and SSMax on chunked: a row for each --prior-grad route
+    assert sorted(attn) == sorted(VARIANTS * 6 + ("bam",) * 2) and sorted(long) == sorted(VARIANTS * 2)
     assert "OOM" not in proc.stdout
     assert section_rows(proc.stdout, "summary") == list(VARIANTS)
 
     results = json.loads(out.read_text())
-    for name in VARIANTS:
-        tokens_per_s = results["train"][name]["tokens_per_s"]
-        assert math.isfinite(tokens_per_s) and tokens_per_s > 0
-    assert results["train"]["nope"]["vs_nope"] == 1.0
+    assert [r["variant"] for r in results["train"]] == list(VARIANTS)  # sdpa on a CPU: one way for gradients
+    for r in results["train"]:
+        assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0 and r["prior_grad"] == "-"
+    assert results["train"][0]["vs_nope"] == 1.0
     assert {(r["engine"], r["T"]) for r in results["attention"]} == {
         (e, T) for e in ("sdpa", "flex", "chunked") for T in (128, 256)}
+    assert sorted((r["variant"], r["engine"], r["prior_grad"]) for r in results["attention"] if r["prior_grad"] != "-") \
+        == [("bam", "chunked", "passes")] * 2 + [("bam", "chunked", "table")] * 2
     assert all(r["ms"] > 0 for r in results["attention"])
     assert all(r["seconds"] > 0 and r["peak_gb"] is None for r in results["long"])

@@ -144,7 +144,7 @@ def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
     for engine in ("chunked", "sdpa"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(attention="bam", bam_per_layer=True, n_layer=3, n_head=H, n_embd=H * D,
-                              vocab_size=64, engine=engine, attn_block=64)).double()
+                              vocab_size=64, engine=engine, attn_block=64, prior_grad="passes")).double()
         with torch.no_grad():
             for i, prior in enumerate(model.positional):
                 prior.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]) + 0.2 * i)
