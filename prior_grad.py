@@ -98,8 +98,9 @@ def detached(t, engine):
 
 @torch.no_grad()
 def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, block, block_mask):
-    """W of the module docstring for each (H, n) table in `derivatives`: (B, H, G, T, D), with q the
-    query as attention saw it (SSMax folded in) and score_mod the one that made out and lse."""
+    """W of the module docstring for each (H, n) table in `derivatives`: (B, H, G, T, D) in float32
+    (float64 for float64 inputs), with q the query as attention saw it (SSMax folded in) and score_mod
+    the one that made out and lse."""
     B, H, T, D = q.shape
     dtype = torch.promote_types(out.dtype, torch.float32)
     g = torch.stack(derivatives, dim=1)  # (H, G, n)
@@ -125,7 +126,7 @@ def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, blo
                            torch.arange(H, device=q.device)[None, :, None], i, i)
     p_diag = torch.exp(logit_diag - lse)[:, :, None, :, None]  # (B, H, 1, T, 1)
     to_diag = (g[..., :1] - sign * m)[None, :, :, :, None]  # (1, H, G, 1, 1)
-    return (sign[None, ..., None] * spread + to_diag * p_diag * (v.to(dtype) - out.to(dtype))[:, :, None]).to(out.dtype)
+    return sign[None, ..., None] * spread + to_diag * p_diag * (v.to(dtype) - out.to(dtype))[:, :, None]
 
 
 def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, block, block_mask):
@@ -151,10 +152,11 @@ def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, bloc
         return out
     weights = gradient_weights(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), score_mod,
                                [f] * c_trained + [g for _, g in derivatives], engine, doc, block, block_mask)
-    # add zero with the exact gradient (module docstring)
+    # add zero with the exact gradient (module docstring). W is kept in out's dtype; the zero factor
+    # stays in float32, so the backward sums dO . W over batch and positions in float32
     if c_trained:
-        out = out + (ssmax - ssmax.detach())[..., None].to(out.dtype) * weights[:, :, 0]
-    row = 1 if c is None else c[..., None].to(out.dtype)
+        out = out + ((ssmax - ssmax.detach())[..., None] * weights[:, :, 0].to(out.dtype)).to(out.dtype)
+    row = 1 if c is None else c[..., None]
     for n, (theta, _) in enumerate(derivatives, start=int(c_trained)):
-        out = out + (theta - theta.detach()).view(1, H, 1, 1).to(out.dtype) * (row * weights[:, :, n])
+        out = out + ((theta - theta.detach()).view(1, H, 1, 1) * (row * weights[:, :, n]).to(out.dtype)).to(out.dtype)
     return out

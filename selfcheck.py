@@ -153,7 +153,7 @@ def main(argv=None):
         except Exception as e:  # a failing kernel is a FAIL row, not the end of the check
             report(check, variant, setting, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", False)
 
-    print(f"  {'check':8} {'variant':9} {'setting':28} {'detail':34} result")
+    print(f"  {'check':8} {'variant':9} {'setting':38} {'detail':34} result")
     for v in variants:
         passes = "flex+passes" if cuda else "chunked+passes"  # the exact prior gradient where it trains
         for engine in ("flex", "chunked", passes) if "engines" in checks else ():

@@ -60,6 +60,45 @@ def test_cpu_training_step_is_one_graph_with_eager_gradients(name, engine):
         assert torch.allclose(eager, compiled, atol=1e-6)
 
 
+def test_exact_prior_gradient_route_compiles_to_one_graph():
+    """prior_grad.py's route (forward-mode derivative tables, the extra pass, the zero with a
+    gradient) traces whole, and its compiled gradients equal the eager ones."""
+    model = tiny("bam", "chunked", prior_grad="passes", attn_block=32)
+    idx, doc = batch(70)
+    explained = torch._dynamo.explain(model)(idx, idx, doc=doc)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    grads = []
+    for m in (model, torch.compile(model, backend=counter)):
+        model.zero_grad()
+        m(idx, idx, doc=doc)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert counter.frame_count == 1
+    for eager, compiled in zip(*grads):
+        assert torch.allclose(eager, compiled, atol=1e-6)
+
+
+def test_exact_prior_gradient_route_on_flex_is_one_graph():
+    """The flex side of the route (lse, GQA-stacked heads, captured detached tables) traces whole.
+    q, k, v and the SSMax scale carry no gradient here (flex has no backward on a CPU); the prior's
+    parameters do."""
+    from prior_grad import attend_exact, derivative_tables
+    torch.manual_seed(0)
+    variant = VARIANTS["bam"](GPTConfig(n_head=2, n_embd=32))
+    q, k, v = (torch.randn(2, 2, 200, 16) for _ in range(3))
+    _, doc = batch(200)
+    scale = torch.ones(2)
+
+    def attend_with_route(q, k, v, doc):
+        ssmax = attention.ssmax_factor(scale, 2, 200, 0, doc)
+        derivatives = derivative_tables(variant, 2, 200, "cpu")
+        return attend_exact(q, k, v, variant, variant(200, "cpu"), derivatives, ssmax, doc, "flex", 64, None)
+
+    explained = torch._dynamo.explain(attend_with_route)(q, k, v, doc)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 @pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("engine", ["flex", "sdpa"])
 def test_few_compilations_across_lengths(name, engine):
@@ -185,7 +224,8 @@ def test_flex_gradients_match_sdpa_on_cuda(name):
 
 def test_self_check_runs_on_the_cpu_and_refuses_bad_flags(capsys):
     assert selfcheck.main(["--device", "cpu", "--variants", "bam", "--checks", "engines,decode"]) == 0
-    assert "5 passed, 0 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "7 passed, 0 failed" in out and out.count("chunked+passes float32") == 2  # the exact route, 2 head sizes
     for bad in (["--checks", "speed"], ["--variants", "rope"], ["--device", "gpu0"]):
         with pytest.raises(SystemExit) as exit_info:
             selfcheck.main(bad)
