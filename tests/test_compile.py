@@ -41,11 +41,9 @@ def test_flex_forward_is_one_graph(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
-@pytest.mark.parametrize("engine", ["sdpa", "chunked"])
-def test_cpu_training_step_is_one_graph_with_eager_gradients(name, engine):
-    model = tiny(name, engine)
-    idx, doc = batch(130)
+def assert_one_graph_with_eager_gradients(model, T):
+    """A training forward traces to one graph, and the compiled step's gradients equal eager ones."""
+    idx, doc = batch(T)
     explained = torch._dynamo.explain(model)(idx, idx, doc=doc)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     torch._dynamo.reset()
@@ -60,23 +58,16 @@ def test_cpu_training_step_is_one_graph_with_eager_gradients(name, engine):
         assert torch.allclose(eager, compiled, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("engine", ["sdpa", "chunked"])
+def test_cpu_training_step_is_one_graph_with_eager_gradients(name, engine):
+    assert_one_graph_with_eager_gradients(tiny(name, engine), 130)
+
+
 def test_exact_prior_gradient_route_compiles_to_one_graph():
     """prior_grad.py's route (forward-mode derivative tables, the extra pass, the zero with a
     gradient) traces whole, and its compiled gradients equal the eager ones."""
-    model = tiny("bam", "chunked", prior_grad="passes", attn_block=32)
-    idx, doc = batch(70)
-    explained = torch._dynamo.explain(model)(idx, idx, doc=doc)
-    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    grads = []
-    for m in (model, torch.compile(model, backend=counter)):
-        model.zero_grad()
-        m(idx, idx, doc=doc)[1].backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
-    assert counter.frame_count == 1
-    for eager, compiled in zip(*grads):
-        assert torch.allclose(eager, compiled, atol=1e-6)
+    assert_one_graph_with_eager_gradients(tiny("bam", "chunked", prior_grad="passes", attn_block=32), 70)
 
 
 def test_exact_prior_gradient_route_on_flex_is_one_graph():
