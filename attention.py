@@ -7,8 +7,8 @@ A positional variant is a score function with FlexAttention's score_mod signatur
 
 Learnable parameters never sit inside it: each variant's forward(n, device) first builds
 `tables` over the distance t = q - kv from its parameters (differentiable, so gradients reach
-them through the tables), and the score function only indexes those tables. The same function then runs in
-three engines:
+them through the tables; prior_grad.py has a faster exact route for flex), and the score
+function only indexes those tables. The same function then runs in three engines:
 
     sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
              additive bias for additive variants, explicit logits for the others (scaleinv)
