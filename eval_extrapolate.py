@@ -13,7 +13,6 @@ Lengths are multiples of the training length ("4x") or token counts ("8192"). Re
 scored teacher-forced, with logits only at the answer positions: no T x vocab tensor is built.
 """
 import glob
-import json
 import os
 import random
 import sys
@@ -28,7 +27,7 @@ from tqdm import tqdm
 from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, tokenizer_from_meta
 from data.synthetic import CITIES
 from attention import FLEX_BLOCK, choose_engine, document_ids
-from model import load_checkpoint, native_bf16
+from model import load_checkpoint, native_bf16, save_json
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
 from settings import Parser, flag_type, output_file, pick_device, run_main
 
@@ -350,29 +349,26 @@ def score_losses(model, lengths, files, sizes, args, device, ctx):
     return results, summary
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def evaluate(args):
+    """Run one evaluation: {"settings", "summary", "results", "lengths"}, nothing printed but the
+    progress bars. Raises ValueError or OSError, with a one-line message, for what the user can fix."""
     device = pick_device(args.device)
     args.device = str(device)  # recorded in the results
-    try:
-        model, checkpoint = load_checkpoint(args.ckpt, device)
-        block_size = checkpoint["model_config"]["block_size"]
-        lengths = parse_lengths(args.lengths, block_size)
-        depths = parse_depths(args.depths)
-        enc = tokenizer_from_meta(checkpoint["meta"])
-        model.eval()
-        model.config.engine, model.config.attn_block = args.engine, args.attn_block
-        if args.task == "loss":
-            folder = args.data or checkpoint.get("train_config", {}).get("data")
-            files, sizes = val_split(folder, checkpoint["meta"]["tokenizer"], max(n for _, n in lengths))
-            doc_mask = checkpoint.get("train_config", {}).get("doc_mask", False)
-            args.doc_eot = checkpoint["meta"]["eot_token"] if doc_mask else None
-        else:
-            cells = build_cells(model, enc, lengths, depths, args)
-        check_memory(model, lengths, args, device)
-    except (OSError, ValueError) as e:  # expected failures: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, checkpoint = load_checkpoint(args.ckpt, device)
+    block_size = checkpoint["model_config"]["block_size"]
+    lengths = parse_lengths(args.lengths, block_size)
+    depths = parse_depths(args.depths)
+    enc = tokenizer_from_meta(checkpoint["meta"])
+    model.eval()
+    model.config.engine, model.config.attn_block = args.engine, args.attn_block
+    if args.task == "loss":
+        folder = args.data or checkpoint.get("train_config", {}).get("data")
+        files, sizes = val_split(folder, checkpoint["meta"]["tokenizer"], max(n for _, n in lengths))
+        doc_mask = checkpoint.get("train_config", {}).get("doc_mask", False)
+        args.doc_eot = checkpoint["meta"]["eot_token"] if doc_mask else None
+    else:
+        cells = build_cells(model, enc, lengths, depths, args)
+    check_memory(model, lengths, args, device)
     dtype = args.dtype
     if dtype == "auto":  # bf16 is not available on every GPU (V100, T4: nanoGPT #84)
         dtype = "float32" if device.type != "cuda" else "bfloat16" if native_bf16() else "float16"
@@ -386,22 +382,32 @@ def main(argv=None):
             results = score_cells(model, enc, cells, device, ctx, args.patience)
             lengths = [(label, n) for label, n in lengths if any(r["length"] == n for r in results)]
             summary = accuracy_grid(results, lengths, depths)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     settings = dict(vars(args), dtype=dtype, block_size=block_size, attention=model.config.attention,
                     step=checkpoint.get("step"), lengths=lengths)
+    return {"settings": settings, "summary": summary, "results": results, "lengths": lengths, "depths": depths}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        evaluation = evaluate(args)
+    except (OSError, ValueError) as e:  # expected failures: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    settings, summary, results, lengths = (evaluation[k] for k in ("settings", "summary", "results", "lengths"))
     if args.task == "loss":
         print_losses(summary, any(r["masked"] for r in results))
     else:
         print_grid(summary, lengths, args.task)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     try:
-        with open(out, "w") as f:
-            json.dump({"settings": settings, "summary": summary, "results": results}, f, indent=1)
+        save_json({"settings": settings, "summary": summary, "results": results}, out)
     except OSError as e:
         print(f"error: cannot write {out}: {e.strerror or e}; the results are above", file=sys.stderr)
         return 2
     if args.task != "loss":
-        save_heatmap(summary, lengths, depths, os.path.splitext(out)[0] + ".png",
-                     f"{args.task}: {model.config.attention}, trained at {block_size} tokens")
+        save_heatmap(summary, lengths, evaluation["depths"], os.path.splitext(out)[0] + ".png",
+                     f"{args.task}: {settings['attention']}, trained at {settings['block_size']} tokens")
     print(f"wrote {out}")
     return 0
 

@@ -3,6 +3,7 @@ A compact GPT whose positional signal is one config field (attention.py has the 
 Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
 Runs past its training length: nothing here depends on a maximum sequence length.
 """
+import json
 import math
 import os
 import pickle
@@ -13,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, flex_block_mask, positions_in_document,
-                       rotary_frequencies, ssmax_factor)
+from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, fitted_rope_fraction, flex_block_mask,
+                       positions_in_document, rotary_frequencies, ssmax_factor)
 from prior_grad import attend_exact, derivative_tables, route_problem
 from settings import check_fields, param
 
@@ -33,9 +34,11 @@ class GPTConfig:
     qk_norm: bool = param(False, "RMSNorm on queries and keys before attention")
     attention: str = param("bam", "positional variant: nope | alibi | bam | scaleinv", choices=VARIANTS)
     ssmax: bool | None = param(None, "SSMax (LogN) scaling of the logits; default on for bam, off otherwise")
+    ssmax_init: float = param(1.0, "SSMax: initial s_h of every head", "(0, inf)")
     rope: str | None = param(None, "rotary embeddings: none | full | partial (p-RoPE); default partial for scaleinv, else none",
                              choices=ROPE_MODES)
-    rope_fraction: float = param(0.75, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate", "[0, 1]")
+    rope_fraction: float | None = param(None, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate; "
+                                        "default: those whose wavelength fits in block_size", "[0, 1]")
     rope_base: float = param(10000.0, "rotary base", "(0, inf)")
     scaleinv_tau: float = param(10.0, "scale-invariant attention's tau", "(0, inf)")
     bam_per_layer: bool = param(False, "one BAM prior per layer instead of one shared by all layers")
@@ -59,6 +62,8 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size (n_embd / n_head) must be even for rotary")
+        if self.rope_fraction is None:  # resolved here, so the checkpoint stores the fraction it trained with
+            self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)
 
 
 class CausalSelfAttention(nn.Module):
@@ -72,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         head_dim = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
         if config.ssmax:
-            self.ssmax_scale = nn.Parameter(torch.ones(config.n_head))  # s_h, init 1
+            self.ssmax_scale = nn.Parameter(torch.full((config.n_head,), config.ssmax_init))  # s_h
         if config.rope != "none":
             fraction = 1.0 if config.rope == "full" else config.rope_fraction
             self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
@@ -299,19 +304,28 @@ def gpu_peak(device_name):
 # ----------------------------------------------------------------------------------------
 # checkpoints: plain tensors and dicts, written atomically, loaded with weights_only=True
 
-def save_checkpoint(checkpoint, path):
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`:
-    a crash or Ctrl-C mid-write leaves the previous checkpoint intact."""
+def atomic_write(path, write):
+    """write(f) into a temporary file in the same folder, flush it to disk, then rename it over
+    `path`: a crash or Ctrl-C mid-write leaves the previous file intact."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+
+def save_json(value, path):
+    """Results as JSON, written atomically like checkpoints."""
+    atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
 def load_checkpoint(path, device="cpu"):

@@ -151,6 +151,22 @@ def test_oracle_scores_all_and_uniform_none():
     assert [r["correct"] for r in partial] == [True, False, False]
     assert partial[0]["predicted"] == " " + sample["keys"][0]
 
+@pytest.mark.parametrize("wrong_at", [1, 3, 5])
+def test_a_key_wrong_after_its_first_token_is_wrong(wrong_at):
+    """The whole key must be right: the argmax at every answer position, not just the first."""
+    sample = R.passkey_sample(ENC, 600, 0.5, 5, random.Random(11))
+    (a, b), = sample["answers"]
+    truth = torch.tensor(sample["tokens"][a:b])  # " " and the 5 digits
+    logits = torch.zeros(b - a, 320)
+    logits[torch.arange(b - a), truth] = 1.0
+    [right] = R.judge(logits, sample, ENC)
+    assert right["correct"] and right["predicted"] == " " + sample["keys"][0]
+    logits[wrong_at] = 0.0
+    logits[wrong_at, (truth[wrong_at] + 1) % 256] = 1.0  # another byte, here only
+    [wrong] = R.judge(logits, sample, ENC)
+    assert not wrong["correct"] and wrong["predicted"][:wrong_at] == right["predicted"][:wrong_at]
+
+
 # -----------------------------------------------------------------------------
 # engines at length: chunked and eager flex equal full attention (sdpa)
 

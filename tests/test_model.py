@@ -1,11 +1,12 @@
 """The GPT: causality, document isolation, training signal, KV cache, parameter groups."""
+import dataclasses
 import shutil
 
 import pytest
 import torch
 
-from attention import VARIANTS, document_ids
-from model import GPT, GPTConfig
+from attention import VARIANTS, document_ids, rotary_frequencies
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 EOT = 0
 
@@ -142,6 +143,32 @@ def test_defaults_and_bad_config():
                        (dict(rope_base=float("nan")), "rope_base must be a finite number > 0, got nan")]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**bad)
+
+
+def test_p_rope_rotates_the_pairs_whose_wavelength_fits_in_the_block():
+    """p-RoPE's default: the pairs whose wavelength 2 pi / freq is at most block_size rotate, the
+    rest stay still; at the scale-invariant paper's 4K tokens that is close to its 75%."""
+    for head_dim, block, base in ((32, 128, 1e4), (64, 4096, 1e4), (64, 1024, 500.0), (16, 4, 1e4)):
+        config = GPTConfig(n_head=2, n_embd=2 * head_dim, block_size=block, rope_base=base, attention="scaleinv")
+        freqs = rotary_frequencies(head_dim, base, config.rope_fraction)
+        wavelengths = 2 * torch.pi / rotary_frequencies(head_dim, base, 1.0)
+        assert torch.equal(freqs > 0, wavelengths <= block), (head_dim, block, base)
+    assert GPTConfig(n_head=4, n_embd=128, block_size=128).rope_fraction == 6 / 16
+    assert 0.7 < GPTConfig(n_head=12, n_embd=768, block_size=4096).rope_fraction < 0.75
+    assert GPTConfig(block_size=128, rope_fraction=0.75).rope_fraction == 0.75  # given: kept
+
+
+def test_the_p_rope_choice_is_stored_and_older_checkpoints_keep_theirs(tmp_path):
+    model = tiny("scaleinv", block_size=128)
+    assert model.config.rope_fraction == 0.375
+    assert torch.equal(model.blocks[0].attn.inv_freq > 0, torch.arange(8) < 3)  # 3 of 8 pairs (head size 16)
+    path = str(tmp_path / "new.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": dataclasses.asdict(model.config)}, path)
+    assert load_checkpoint(path)[0].config.rope_fraction == 0.375
+    old = dataclasses.asdict(model.config) | {"rope_fraction": 0.75}  # written before the rule
+    save_checkpoint({"model": model.state_dict(), "model_config": old}, path)
+    loaded = load_checkpoint(path)[0]
+    assert loaded.config.rope_fraction == 0.75 and int((loaded.blocks[0].attn.inv_freq > 0).sum()) == 6
 
 
 def test_runs_far_past_block_size():

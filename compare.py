@@ -1,0 +1,291 @@
+"""
+A fair comparison of the positional variants: train a grid of configurations on the same data,
+with the same recipe and the same seeds, then evaluate each one beyond the training length.
+
+    python compare.py                          # the default grid (README, "A fair comparison")
+    python compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
+    python compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
+    python compare.py --tasks passkey,loss --data data/shakespeare --config recipe.toml
+
+A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
+papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with train.py's
+settings plus --config (a TOML or JSON file of train.py settings, read as data), and goes to
+--out-dir/runs/<variant>-ssmax_<on|off>-seed<S>-<hash of the settings>/. A finished run is reused
+and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
+length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
+step first); the same command continues where it stopped. Prompts depend on the seed only, so
+every configuration answers the same prompts.
+"""
+import hashlib
+import json
+import os
+import random
+import signal
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import eval_extrapolate
+import train
+from data.shards import read_meta, tokenizer_from_meta
+from model import save_json
+from retrieval import passkey_sample
+from settings import Parser, comma_list, fail, flag_type, run_main
+
+# variant name -> train.py flags; rope is NoPE with full rotary embeddings
+VARIANT_FLAGS = {"nope": ["--attention", "nope", "--rope", "none"], "rope": ["--attention", "nope", "--rope", "full"],
+                 "alibi": ["--attention", "alibi"], "bam": ["--attention", "bam"], "scaleinv": ["--attention", "scaleinv"]}
+SSMAX_FLAGS = {"on": ["--ssmax"], "off": ["--no-ssmax"]}
+TASKS = ("passkey", "loss")
+GRID = dict(variants=list(VARIANT_FLAGS), ssmax=["on", "off"], seeds=[1337, 7], lengths="1x,4x,16x")
+QUICK = dict(GRID, variants=["nope", "bam"], seeds=[1337], lengths="1x,4x")
+
+
+def comma_list_of_ints(text):
+    seed = flag_type(int, "[0, inf)")
+    return [seed(item.strip()) for item in text.split(",")]
+
+
+def parse_args(argv):
+    p = Parser(prog="compare.py", description=__doc__)
+    p.add_argument("--variants", type=comma_list(list(VARIANT_FLAGS)),
+                   help=f"comma list of variants (default: {','.join(GRID['variants'])})")
+    p.add_argument("--ssmax", type=comma_list(list(SSMAX_FLAGS)),
+                   help="SSMax settings to train each variant with: on, off or on,off (default: on,off)")
+    p.add_argument("--seeds", type=comma_list_of_ints,
+                   help="training seeds; the evaluation's prompts use the same seed (default: 1337,7)")
+    p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=600, help="training steps per run (default: 600)")
+    p.add_argument("--block-size", type=flag_type(int, "[1, inf)"), default=128,
+                   help="training length in tokens (default: 128)")
+    p.add_argument("--data", default="data/synthetic", help="prepared data folder (default: data/synthetic)")
+    p.add_argument("--config", help="TOML or JSON file of further train.py settings for every run (the recipe)")
+    p.add_argument("--tasks", type=comma_list(list(TASKS)), default=["passkey"],
+                   help="passkey, loss or passkey,loss (default: passkey)")
+    p.add_argument("--lengths", help="evaluation lengths, as eval_extrapolate.py takes them (default: 1x,4x,16x)")
+    p.add_argument("--depths", default="0,0.5,1", help="passkey needle depths (default: 0,0.5,1)")
+    p.add_argument("--samples", type=flag_type(int, "[1, inf)"), default=4,
+                   help="passkey prompts per (length, depth) and seed; loss windows per length and seed (default: 4)")
+    p.add_argument("--quick", action="store_true", help="the SSMax question in a few minutes: nope and bam, SSMax on "
+                                                        "and off, seed 1337, lengths 1x,4x (other flags still apply)")
+    p.add_argument("--out-dir", default="out/compare", help="runs, results and plots (default: out/compare)")
+    args = p.parse_args(argv)
+    for name, value in (QUICK if args.quick else GRID).items():  # flags given explicitly win
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+def comma_list_of_ints(text):
+    seed = flag_type(int, "[0, inf)")
+    return [seed(item.strip()) for item in text.split(",")]
+
+# -----------------------------------------------------------------------------
+# the grid: one run per (variant, ssmax, seed)
+
+
+def plan_runs(args):
+    """Every run of the grid: its name, train.py arguments and folder. The folder's name ends in a
+    hash of every setting train.py resolves (the config file's included), so a changed recipe
+    never reuses an old run."""
+    runs = []
+    for variant in args.variants:
+        for ssmax in args.ssmax:
+            for seed in args.seeds:
+                argv = ["--data", args.data, "--block-size", str(args.block_size), "--max-steps", str(args.steps),
+                        "--eval-interval", str(max(1, args.steps // 3)), *VARIANT_FLAGS[variant],
+                        *SSMAX_FLAGS[ssmax], "--seed", str(seed)] + (["--config", args.config] if args.config else [])
+                config, model_values = train.parse_config(argv)
+                settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "resume")} | model_values
+                digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+                folder = os.path.join(args.out_dir, "runs", f"{variant}-ssmax_{ssmax}-seed{seed}-{digest}")
+                runs.append({"name": f"{variant} ssmax {ssmax} seed {seed}", "variant": variant, "ssmax": ssmax,
+                             "seed": seed, "folder": folder, "argv": argv + ["--out-dir", folder],
+                             "settings": settings})
+    return runs
+
+
+def check_data(args, lengths):
+    """Before any training: the data is there, the shortest passkey prompt fits, and the val split
+    holds the longest loss window."""
+    meta = read_meta(args.data)
+    if "passkey" in args.tasks:
+        passkey_sample(tokenizer_from_meta(meta), min(n for _, n in lengths),
+                       0.0, 5, random.Random(0))
+    if "loss" in args.tasks:
+        eval_extrapolate.val_split(args.data, meta["tokenizer"], max(n for _, n in lengths))
+
+
+def trained_step(run):
+    """The step of the run's last.pt (0 when there is none)."""
+    import torch  # only here: --help stays fast
+    path = os.path.join(run["folder"], "last.pt")
+    if not os.path.exists(path):
+        return 0
+    return torch.load(path, map_location="cpu", weights_only=True)["step"]
+
+
+def train_run(run, steps):
+    """Train (or finish) one run. A stop inside train.py saves its step and exits 130 or 143."""
+    done = trained_step(run)
+    if done >= steps:
+        return False
+    try:
+        train.main(run["argv"] + (["--resume"] if done else []))
+    except SystemExit as e:
+        if e.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            raise KeyboardInterrupt(e.code) from None
+        raise
+    return True
+
+
+def result_path(run, task, label, n, args):
+    key = json.dumps([task, n, args.depths, args.samples] if task == "passkey" else [task, n, args.samples])
+    return os.path.join(run["folder"], "eval", f"{task}_{label}_{hashlib.sha1(key.encode()).hexdigest()[:8]}.json")
+
+
+def evaluate_run(run, task, label, n, args):
+    """One (run, task, length) result: {"value": accuracy or loss, "count": prompts or windows},
+    from its file when it exists, else measured and written (atomically)."""
+    path = result_path(run, task, label, n, args)
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f), False
+    argv = ["--ckpt", os.path.join(run["folder"], "last.pt"), "--task", task, "--lengths", str(n),
+            "--samples", str(args.samples), "--seed", str(run["seed"])]
+    if task == "passkey":
+        argv += ["--depths", args.depths]
+    evaluation = eval_extrapolate.evaluate(eval_extrapolate.parse_args(argv))
+    if task == "passkey":
+        hits = [r["correct"] for r in evaluation["results"]]
+        result = {"value": sum(hits) / len(hits), "count": len(hits)}
+    else:
+        result = {"value": evaluation["summary"][0]["loss"], "count": len(evaluation["results"])}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_json(result | {"settings": evaluation["settings"]}, path)
+    return result, True
+
+# -----------------------------------------------------------------------------
+# summary: mean and spread over seeds, tables and plots
+
+
+def summarize(runs, results, lengths, args):
+    """{task: [{variant, ssmax, length label: {mean, min, max, count, seeds}}]} over the grid."""
+    summary = {}
+    for task in args.tasks:
+        rows = []
+        for variant in args.variants:
+            for ssmax in args.ssmax:
+                row = {"variant": variant, "ssmax": ssmax}
+                mine = [r for r in runs if r["variant"] == variant and r["ssmax"] == ssmax]
+                for label, _ in lengths:
+                    values = [results[(r["folder"], task, label)] for r in mine]
+                    row[label] = {"mean": statistics.fmean(v["value"] for v in values),
+                                  "min": min(v["value"] for v in values), "max": max(v["value"] for v in values),
+                                  "count": sum(v["count"] for v in values), "seeds": len(values)}
+                rows.append(row)
+        summary[task] = rows
+    return summary
+
+
+def print_table(task, rows, lengths):
+    what = "passkey accuracy (whole key right)" if task == "passkey" else "validation loss (nats per scored token)"
+    counted = "prompts" if task == "passkey" else "windows"
+    first = rows[0][lengths[0][0]]
+    print(f"\n{what}: mean over {first['seeds']} seed(s) [min-max], {first['count']} {counted} per cell")
+    print("variant".ljust(10) + "ssmax".ljust(7) + "".join(f"{label} ({n})".rjust(22) for label, n in lengths))
+    for row in rows:
+        cells = "".join(f"{c['mean']:.2f} [{c['min']:.2f}-{c['max']:.2f}]".rjust(22) if task == "passkey" else
+                        f"{c['mean']:.3f} [{c['min']:.3f}-{c['max']:.3f}]".rjust(22)
+                        for c in (row[label] for label, _ in lengths))
+        print(row["variant"].ljust(10) + row["ssmax"].ljust(7) + cells)
+
+
+def save_plot(task, rows, lengths, path, block_size):
+    """Accuracy (or loss) against length, log x: one line per configuration, the band its seeds span."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"{task} plot skipped: matplotlib is not installed")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    x = [n for _, n in lengths]
+    colors = dict(zip(VARIANT_FLAGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for row in rows:
+        cells = [row[label] for label, _ in lengths]
+        style = dict(color=colors[row["variant"]], linestyle="-" if row["ssmax"] == "on" else "--")
+        ax.plot(x, [c["mean"] for c in cells], marker="o", label=f"{row['variant']}, ssmax {row['ssmax']}", **style)
+        ax.fill_between(x, [c["min"] for c in cells], [c["max"] for c in cells], alpha=0.12, color=style["color"])
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(x, [f"{label}\n{n}" for label, n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel(f"length in tokens (trained at {block_size})")
+    ax.set_ylabel("passkey accuracy" if task == "passkey" else "validation loss (nats)")
+    if task == "passkey":
+        ax.set_ylim(-0.03, 1.03)
+    ax.legend(fontsize=8, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+# -----------------------------------------------------------------------------
+
+
+def stop_on_sigterm(signum, frame):
+    """SIGTERM (a preempted job) stops the grid as Ctrl-C does; inside training, train.py's own
+    handler saves the step first."""
+    raise KeyboardInterrupt(128 + signum)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs = plan_runs(args)
+    try:
+        lengths = eval_extrapolate.parse_lengths(args.lengths, args.block_size)
+        eval_extrapolate.parse_depths(args.depths)
+        check_data(args, lengths)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    jobs = len(runs) * (1 + len(args.tasks) * len(lengths))
+    print(f"grid: {len(args.variants)} variants x SSMax {','.join(args.ssmax)} x {len(args.seeds)} seed(s) = "
+          f"{len(runs)} runs of {args.steps} steps, then {'+'.join(args.tasks)} at {args.lengths} -> {args.out_dir}")
+    start, done, trained, measured, results = time.time(), 0, 0, 0, {}
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
+    try:
+        for run in runs:
+            done += 1
+            print(f"[{done}/{jobs} {time.time() - start:.0f}s] {run['name']}: train", flush=True)
+            trained += train_run(run, args.steps)
+            for task in args.tasks:
+                for label, n in lengths:
+                    done += 1
+                    print(f"[{done}/{jobs} {time.time() - start:.0f}s] {run['name']}: {task} at {label}", flush=True)
+                    results[(run["folder"], task, label)], new = evaluate_run(run, task, label, n, args)
+                    measured += new
+    except KeyboardInterrupt as e:
+        print(f"\nstopped after {done - 1} of {jobs} jobs; what finished is in {args.out_dir}/runs. Run the same "
+              f"command to continue", file=sys.stderr)
+        return e.args[0] if e.args else 128 + signal.SIGINT
+    except (OSError, ValueError) as e:
+        print(f"error: {run['name']}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = summarize(runs, results, lengths, args)
+    for task, rows in summary.items():
+        print_table(task, rows, lengths)
+    save_json({"settings": vars(args), "lengths": lengths, "runs": runs, "summary": summary,
+               "results": [{"folder": f, "task": t, "length": label, **v} for (f, t, label), v in results.items()]},
+              os.path.join(args.out_dir, "compare.json"))
+    for task, rows in summary.items():
+        save_plot(task, rows, lengths, os.path.join(args.out_dir, f"compare_{task}.png"), args.block_size)
+    print(f"done in {time.time() - start:.0f}s: {trained} runs trained, {len(runs) - trained} reused; "
+          f"{measured} results measured, {len(results) - measured} reused -> {args.out_dir}/compare.json")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

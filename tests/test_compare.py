@@ -1,0 +1,162 @@
+"""compare.py end to end on a tiny grid (2 variants x 2 SSMax settings x 1 seed), and
+inspect_prior.py: CPU only, files only under tmp_path."""
+import json
+import os
+import signal
+import sys
+
+import pytest
+import torch
+
+import compare
+import inspect_prior
+import train
+from data import prepare
+from model import GPT, GPTConfig, save_checkpoint
+
+TINY = 'n_layer = 1\nn_head = 2\nn_embd = 32\nbatch_size = 4\neval_batches = 2\nwarmup_steps = 2\n'
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    assert prepare.main(["synthetic", "--docs", "60", "--val-docs", "10", "--out", str(root / "data")]) in (0, None)
+    (root / "tiny.toml").write_text(TINY)
+    return root
+
+
+def grid(setup, out_dir, *extra):
+    return compare.main(["--variants", "nope,bam", "--seeds", "3", "--steps", "4", "--lengths", "1x,2x",
+                         "--samples", "1", "--tasks", "passkey,loss", "--data", str(setup / "data"),
+                         "--config", str(setup / "tiny.toml"), "--out-dir", str(out_dir), *extra])
+
+
+def is_png(path):
+    return path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def final_weights(out_dir):
+    runs = sorted((out_dir / "runs").iterdir())
+    return {run.name: torch.load(run / "last.pt", weights_only=True)["model"] for run in runs}
+
+
+def test_grid_writes_tables_json_and_plots_then_reuses_everything(setup, tmp_path, capsys, monkeypatch):
+    assert grid(setup, tmp_path) == 0
+    out = capsys.readouterr().out
+    assert "4 runs trained, 0 reused; 16 results measured, 0 reused" in out
+    assert "passkey accuracy (whole key right): mean over 1 seed(s) [min-max], 3 prompts per cell" in out
+    assert "validation loss" in out and "1x (128)" in out and "2x (256)" in out
+    for variant in ("nope", "bam"):
+        for ssmax in ("on", "off"):
+            assert any(line.split()[:2] == [variant, ssmax] for line in out.splitlines())
+    result = json.loads((tmp_path / "compare.json").read_text())
+    rows = result["summary"]["passkey"]
+    assert [(r["variant"], r["ssmax"]) for r in rows] == [("nope", "on"), ("nope", "off"), ("bam", "on"), ("bam", "off")]
+    assert rows[0]["1x"]["count"] == 3 and 0 <= rows[0]["1x"]["mean"] <= 1
+    assert result["summary"]["loss"][2]["2x"]["mean"] > 0
+    for run in result["runs"]:
+        config = torch.load(os.path.join(run["folder"], "last.pt"), weights_only=True)["model_config"]
+        assert config["ssmax"] == (run["ssmax"] == "on") and config["attention"] == run["variant"]
+    try:
+        import matplotlib  # noqa: F401
+        assert is_png(tmp_path / "compare_passkey.png") and is_png(tmp_path / "compare_loss.png")
+    except ImportError:
+        assert "passkey plot skipped: matplotlib is not installed" in out
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a training step ran although every run was finished")
+    monkeypatch.setattr(torch.optim.AdamW, "step", no_training)
+    assert grid(setup, tmp_path, "--lengths", "1x,2x,3x") == 0  # only the new length is measured
+    out = capsys.readouterr().out
+    assert "0 runs trained, 4 reused; 8 results measured, 16 reused" in out and "3x (384)" in out
+
+
+def test_plots_become_a_note_without_matplotlib(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert grid(setup, tmp_path, "--variants", "nope", "--ssmax", "off", "--lengths", "1x") == 0
+    out = capsys.readouterr().out
+    assert "passkey plot skipped: matplotlib is not installed" in out and "loss plot skipped" in out
+    assert (tmp_path / "compare.json").exists() and not (tmp_path / "compare_passkey.png").exists()
+
+
+def test_a_stopped_grid_resumes_and_ends_as_a_grid_never_stopped(setup, tmp_path, capsys, monkeypatch):
+    assert grid(setup, tmp_path / "whole") == 0
+    steps = {"n": 0}
+    step = torch.optim.AdamW.step
+
+    def sigterm_at_the_sixth_step(self, *args, **kwargs):  # in the second run, after its second step
+        steps["n"] += 1
+        if steps["n"] == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.AdamW, "step", sigterm_at_the_sixth_step)
+    assert grid(setup, tmp_path / "stopped") == 128 + signal.SIGTERM
+    assert "Run the same command to continue" in capsys.readouterr().err
+    assert not (tmp_path / "stopped" / "compare.json").exists()
+    monkeypatch.undo()
+    assert grid(setup, tmp_path / "stopped") == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "at step 2" in out
+    assert "3 runs trained, 1 reused" in out  # the first run had finished
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "stopped")
+    assert whole.keys() == resumed.keys()
+    for name in whole:
+        assert all(torch.equal(whole[name][k], resumed[name][k]) for k in whole[name]), name
+
+
+def test_a_changed_recipe_trains_anew(setup, tmp_path, capsys):
+    assert grid(setup, tmp_path, "--variants", "nope", "--ssmax", "off", "--lengths", "1x") == 0
+    (tmp_path / "other.toml").write_text(TINY + "lr = 0.001\n")
+    assert grid(setup, tmp_path, "--variants", "nope", "--ssmax", "off", "--lengths", "1x",
+                "--config", str(tmp_path / "other.toml")) == 0
+    assert "1 runs trained, 0 reused" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "runs")) == 2
+
+
+def test_bad_grids_fail_before_training(setup, tmp_path, capsys):
+    for extra, message in ((["--lengths", "0.5x"], "is too short for the prompt"),
+                           (["--variants", "bam,fire"], "unknown 'fire'"),
+                           (["--data", str(tmp_path / "none")], "no prepared dataset"),
+                           (["--tasks", "loss", "--lengths", "100x"], "the val split")):
+        with pytest.raises(SystemExit) as e:
+            grid(setup, tmp_path, *extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+# -----------------------------------------------------------------------------
+# inspect_prior.py
+
+
+def test_inspector_names_each_heads_class_and_the_ssmax_scales(tmp_path, capsys):
+    config = GPTConfig(n_layer=2, n_head=5, n_embd=40, vocab_size=320, block_size=64, attention="bam",
+                       ssmax=True, bam_per_layer=True)
+    model = GPT(config)
+    betas = torch.tensor([0.5, 0.0, -0.3, -0.55, -1.0])  # local, then retrieval x 3, then aggressive retrieval
+    with torch.no_grad():
+        for i, prior in enumerate(model.positional):
+            prior.theta_beta.copy_(betas + i * 0.01)
+        for i, block in enumerate(model.blocks):
+            block.attn.ssmax_scale.fill_(0.25 * (i + 1))
+    assert [inspect_prior.head_class(b) for b in (1e-6, 0.0, -0.6, -0.61)] == \
+        ["local", "retrieval", "retrieval", "aggressive retrieval"]  # the paper's boundaries
+    info = inspect_prior.describe(model)
+    assert [h["class"] for h in info["priors"][0]] == ["local", "retrieval", "retrieval", "retrieval", "aggressive retrieval"]
+    assert [h["class"] for h in info["priors"][1]] == ["local", "local", "retrieval", "retrieval", "aggressive retrieval"]
+    assert info["ssmax"] == [[0.25] * 5, [0.5] * 5]
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint({"model": model.state_dict(), "model_config": vars(config), "step": 7}, str(ckpt))
+    assert inspect_prior.main(["--ckpt", str(ckpt), "--max-distance", "500"]) == 0
+    out = capsys.readouterr().out
+    assert "BAM prior of layer 1" in out and "aggressive retrieval" in out
+    assert "layer 1     0.500" in out
+    try:
+        import matplotlib  # noqa: F401
+        assert is_png(tmp_path / "prior.png")
+    except ImportError:
+        assert "plot skipped: matplotlib is not installed" in out
+
+
+def test_inspector_errors_are_one_line(tmp_path, capsys):
+    assert inspect_prior.main(["--ckpt", str(tmp_path / "none.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: no checkpoint at")
