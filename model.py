@@ -34,7 +34,8 @@ class GPTConfig:
     qk_norm: bool = param(False, "RMSNorm on queries and keys before attention")
     attention: str = param("bam", "positional variant: nope | alibi | bam | scaleinv", choices=VARIANTS)
     ssmax: bool | None = param(None, "SSMax (LogN) scaling of the logits; default on for bam, off otherwise")
-    ssmax_init: float = param(1.0, "SSMax: initial s_h of every head", "(0, inf)")
+    ssmax_init: float | None = param(None, "SSMax: initial s_h of every head; default 1 / log(block_size) with --qk-norm "
+                                     "(SSMax then starts neutral at the training length), 1 without", "(0, inf)")
     rope: str | None = param(None, "rotary embeddings: none | full | partial (p-RoPE); default partial for scaleinv, else none",
                              choices=ROPE_MODES)
     rope_fraction: float | None = param(None, "p-RoPE: fraction of rotary pairs (the highest frequencies) that rotate; "
@@ -62,6 +63,8 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size (n_embd / n_head) must be even for rotary")
+        if self.ssmax_init is None:  # QK-norm fixes the logits' scale; SSMax's log(n) at 1 would overheat them
+            self.ssmax_init = 1 / math.log(max(2, self.block_size)) if self.qk_norm else 1.0
         if self.rope_fraction is None:  # resolved here, so the checkpoint stores the fraction it trained with
             self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)
 

@@ -1,5 +1,6 @@
 """The GPT: causality, document isolation, training signal, KV cache, parameter groups."""
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -133,6 +134,10 @@ def test_param_groups_never_decay_priors_norms_or_ssmax():
 def test_defaults_and_bad_config():
     assert GPTConfig(attention="bam").ssmax is True and GPTConfig(attention="alibi").ssmax is False
     assert GPTConfig(attention="scaleinv").rope == "partial" and GPTConfig(attention="nope").rope == "none"
+    # with QK-norm, SSMax starts neutral at the training length: s_h log(block_size) = 1
+    assert GPTConfig(qk_norm=True, block_size=128).ssmax_init == pytest.approx(1 / math.log(128))
+    assert GPTConfig(qk_norm=False).ssmax_init == 1.0 and GPTConfig(qk_norm=True, ssmax_init=0.5).ssmax_init == 0.5
+    assert torch.equal(tiny("bam", qk_norm=True, block_size=64).blocks[1].attn.ssmax_scale, torch.full((2,), 1 / math.log(64)))
     for bad, match in [(dict(attention="rope"), "attention must be one of nope, alibi, bam, scaleinv, got 'rope'"),
                        (dict(engine="fast"), "engine must be one of"),
                        (dict(n_embd=30, n_head=4), "not divisible"),
@@ -140,7 +145,9 @@ def test_defaults_and_bad_config():
                        (dict(n_layer=2.0), "n_layer must be a whole number >= 1, got 2.0"),
                        (dict(qk_norm=1), "qk_norm must be true or false, got 1"),
                        (dict(dropout=1.0), r"dropout must be a finite number >= 0 and < 1, got 1.0"),
-                       (dict(rope_base=float("nan")), "rope_base must be a finite number > 0, got nan")]:
+                       (dict(rope_base=float("nan")), "rope_base must be a finite number > 0, got nan"),
+                       (dict(ssmax_init=0.0), "ssmax_init must be a finite number > 0, got 0.0"),
+                       (dict(rope_fraction=1.5), r"rope_fraction must be a finite number >= 0 and <= 1, got 1.5")]:
         with pytest.raises(ValueError, match=match):
             GPTConfig(**bad)
 
