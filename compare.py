@@ -9,7 +9,8 @@ with the same recipe and the same seeds, then evaluate each one beyond the train
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
 papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with train.py's
-settings plus --config (a TOML or JSON file of train.py settings, read as data), and goes to
+defaults plus QK-norm (--no-qk-norm: without), plus --config (a TOML or JSON file of train.py
+settings, read as data; the flags here win over it), and goes to
 --out-dir/runs/<variant>-ssmax_<on|off>-seed<S>-<hash of the settings>/. A finished run is reused
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
 length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
@@ -65,8 +66,8 @@ def parse_args(argv):
                    help="QK-norm in every run: without it the SSMax-off models do not learn to retrieve in 600 steps "
                         "(README, \"A fair comparison\") (default: on)")
     p.add_argument("--data", default="data/synthetic", help="prepared data folder (default: data/synthetic)")
-    p.add_argument("--config", help="TOML or JSON file of further train.py settings for every run (the recipe; "
-                                    "the flags here win over it)")
+    p.add_argument("--config", help="TOML or JSON file of further train.py settings for every run (the flags here "
+                                    "win over it)")
     p.add_argument("--tasks", type=comma_list(list(TASKS)), default=["passkey"],
                    help="passkey, loss or passkey,loss (default: passkey)")
     p.add_argument("--lengths", help="evaluation lengths, as eval_extrapolate.py takes them (default: 1x,4x,16x)")
@@ -194,13 +195,15 @@ def print_table(task, rows, lengths):
     what = "passkey accuracy (whole key right)" if task == "passkey" else "validation loss (nats per scored token)"
     counted = "prompts" if task == "passkey" else "windows"
     first = rows[0][lengths[0][0]]
-    print(f"\n{what}: mean over {first['seeds']} seed(s) [min-max], {first['count']} {counted} per cell")
+    spread = " [min-max]" if first["seeds"] > 1 else ""
+    print(f"\n{what}: mean over {first['seeds']} seed(s){spread}, {first['count']} {counted} per cell")
     print("variant".ljust(10) + "ssmax".ljust(7) + "".join(f"{label} ({n})".rjust(22) for label, n in lengths))
+    digits = 2 if task == "passkey" else 3
     for row in rows:
-        cells = "".join(f"{c['mean']:.2f} [{c['min']:.2f}-{c['max']:.2f}]".rjust(22) if task == "passkey" else
-                        f"{c['mean']:.3f} [{c['min']:.3f}-{c['max']:.3f}]".rjust(22)
-                        for c in (row[label] for label, _ in lengths))
-        print(row["variant"].ljust(10) + row["ssmax"].ljust(7) + cells)
+        cells = [row[label] for label, _ in lengths]
+        text = [f"{c['mean']:.{digits}f}" + (f" [{c['min']:.{digits}f}-{c['max']:.{digits}f}]" if c["seeds"] > 1 else "")
+                for c in cells]
+        print(row["variant"].ljust(10) + row["ssmax"].ljust(7) + "".join(t.rjust(22) for t in text))
 
 
 def save_plot(task, rows, lengths, path, block_size):
@@ -223,7 +226,8 @@ def save_plot(task, rows, lengths, path, block_size):
     ax.set_xscale("log", base=2)
     ax.set_xticks(x, [f"{label}\n{n}" for label, n in lengths])
     ax.minorticks_off()
-    ax.set_title(f"mean over {rows[0][lengths[0][0]]['seeds']} seed(s); band: their min to max")
+    seeds = rows[0][lengths[0][0]]["seeds"]
+    ax.set_title(f"mean over {seeds} seeds; band: their min to max" if seeds > 1 else "one seed")
     ax.set_xlabel(f"length in tokens (trained at {block_size})")
     ax.set_ylabel("passkey accuracy" if task == "passkey" else "validation loss (nats)")
     if task == "passkey":

@@ -350,8 +350,9 @@ def score_losses(model, lengths, files, sizes, args, device, ctx):
 
 
 def evaluate(args):
-    """Run one evaluation: {"settings", "summary", "results", "lengths"}, nothing printed but the
-    progress bars. Raises ValueError or OSError, with a one-line message, for what the user can fix."""
+    """Run one evaluation: {"settings", "summary", "results", "lengths", "depths"}; prints one line
+    naming the checkpoint, then progress bars. Raises ValueError or OSError, with a one-line
+    message, for what the user can fix."""
     device = pick_device(args.device)
     args.device = str(device)  # recorded in the results
     model, checkpoint = load_checkpoint(args.ckpt, device)

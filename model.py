@@ -63,7 +63,7 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size (n_embd / n_head) must be even for rotary")
-        if self.ssmax_init is None:  # QK-norm fixes the logits' scale; SSMax's log(n) at 1 would overheat them
+        if self.ssmax_init is None:  # QK-norm gives the logits unit scale; s_h = 1 then made them too hot to learn (README)
             self.ssmax_init = 1 / math.log(max(2, self.block_size)) if self.qk_norm else 1.0
         if self.rope_fraction is None:  # resolved here, so the checkpoint stores the fraction it trained with
             self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)

@@ -44,7 +44,7 @@ def test_grid_writes_tables_json_and_plots_then_reuses_everything(setup, tmp_pat
     assert grid(setup, tmp_path) == 0
     out = capsys.readouterr().out
     assert "4 runs trained, 0 reused; 16 results measured, 0 reused" in out
-    assert "passkey accuracy (whole key right): mean over 1 seed(s) [min-max], 3 prompts per cell" in out
+    assert "passkey accuracy (whole key right): mean over 1 seed(s), 3 prompts per cell" in out
     assert "validation loss" in out and "1x (128)" in out and "2x (256)" in out
     for variant in ("nope", "bam"):
         for ssmax in ("on", "off"):
