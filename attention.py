@@ -318,6 +318,12 @@ def materialize(x: torch.Tensor) -> torch.Tensor:
 materialize.register_fake(torch.empty_like)
 materialize.register_autograd(lambda ctx, grad: grad)
 
+
+def flex_capture(t):
+    """A tensor that flex's score_mod reads, as compiled flex must see it: materialized off CUDA
+    inside a compiled graph; as it is on CUDA (its lowering takes expressions) and eagerly."""
+    return materialize(t) if t.device.type != "cuda" and torch.compiler.is_compiling() else t
+
 _flex_compiled = None
 
 
@@ -360,9 +366,9 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
     B, H, Tq, _ = q.shape
     plain = isinstance(variant, NoPE) and ssmax is None and doc is None
     engine = choose_engine(engine, plain, q.device, B, H, Tq, k.shape[2])
-    if engine == "flex" and torch.compiler.is_compiling():  # flex captures them: they must be buffers
-        tables = {key: materialize(t) for key, t in tables.items()}
-        ssmax = None if ssmax is None else materialize(ssmax)
+    if engine == "flex":
+        tables = {key: flex_capture(t) for key, t in tables.items()}
+        ssmax = None if ssmax is None else flex_capture(ssmax)
     score_mod = make_score_mod(variant, tables, ssmax, q_offset)
     if engine == "sdpa":
         return sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset)

@@ -31,7 +31,7 @@ import torch
 import selfcheck
 from attention import VARIANTS, attend, choose_engine, ssmax_factor
 from model import GPT, GPTConfig, gpu_peak, native_bf16
-from prior_grad import attend_exact, derivative_tables
+from prior_grad import attend_exact, derivative_tables, prior_repeats
 from settings import Parser, comma_list, flag_type, output_file, pick_device, run_main
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
@@ -176,13 +176,14 @@ def bench_attention(name, engine, route, B, T, shape, device, dtype, warmup, run
     q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=backward) for _ in range(3))
     scale = torch.ones(H, device=device, requires_grad=backward) if config.ssmax else None  # SSMax s_h
     leaves = [q, k, v, *variant.parameters(), *([] if scale is None else [scale])]
+    repeats = prior_repeats(variant, H)  # parameters whose derivative is the prior: one pass less
 
     def run():  # as in a training step: tables and SSMax factor from the parameters, then attention
         with torch.set_grad_enabled(backward):
             ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
             tables = variant(T, device)
             if route == "passes":
-                y = attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device), ssmax, None,
+                y = attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device, repeats), ssmax, None,
                                  engine, config.attn_block, None)
             else:
                 y = attend(q, k, v, variant, tables, ssmax=ssmax, engine=engine, block=config.attn_block)

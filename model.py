@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, fitted_rope_fraction, flex_block_mask,
                        positions_in_document, rotary_frequencies, ssmax_factor)
-from prior_grad import attend_exact, derivative_tables, route_problem
+from prior_grad import attend_exact, derivative_tables, prior_repeats, route_problem
 from settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
@@ -167,6 +167,8 @@ class GPT(nn.Module):
         n_variants = config.n_layer if config.bam_per_layer and config.attention == "bam" else 1
         self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_variants)])
         self.exact_prior_grad = config.prior_grad != "table" and self.prior_route_ok()
+        # the parameters whose derivative is the prior itself share its pass (prior_grad.prior_repeats)
+        self.prior_repeats = prior_repeats(self.positional[0], config.n_head) if self.exact_prior_grad else ()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
@@ -226,7 +228,8 @@ class GPT(nn.Module):
         # prior_grad.py's exact route: on flex (auto, passes) and chunked (passes), when training
         exact = self.exact_prior_grad and cache is None and torch.is_grad_enabled() and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
-        derivatives = [derivative_tables(p, c.n_head, n_keys, idx.device) if exact else None for p in self.positional]
+        derivatives = [derivative_tables(p, c.n_head, n_keys, idx.device, self.prior_repeats) if exact else None
+                       for p in self.positional]
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
         for i, block in enumerate(self.blocks):

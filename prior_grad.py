@@ -23,16 +23,18 @@ sum_j P_ij (dO_i . v_j - D_i) = 0, the t = 0 term and the constant m fold into t
 
     E_i(g) = dO_i . W_i,    W_i = sigma rho_i (O'_i - O_i) + (g(0) - sigma m) P_ii (v_i - O_i).
 
-W does not depend on dO, so it is made in the forward, and the gradient is attached by adding
-zero: O + (theta - theta.detach()) c_i W_i has O's value and, by the chain rule, exactly the
-gradient above. The passes for all parameters (and c) run as one attention call with the heads
-stacked, keys and values shared GQA-style.
+W does not depend on dO, so it is made in the forward and kept for the backward, where
+AttachGradients turns it into dLoss/dtheta = sum_i dO_i . c_i W_i and dLoss/dc_i = dO_i . W_i(f). The
+passes for all parameters (and c) run as one attention call with the heads stacked, keys and values
+shared GQA-style. A parameter whose g is f itself (BAM's theta_alpha: f = -exp(theta_alpha) (...))
+shares f's pass with SSMax: prior_repeats finds them once, when the model is built.
 """
+import copy
 import math
 
 import torch
 
-from attention import chunked_attention, distance, flex_block_mask, flex_engine, make_score_mod, materialize
+from attention import chunked_attention, distance, flex_block_mask, flex_capture, flex_engine, make_score_mod
 
 
 def prior_table(variant, tables, n_head, n):
@@ -50,13 +52,29 @@ def prior_with(variant, name, value, n_head, n, device):
     return prior_table(variant, torch.func.functional_call(variant, {name: value}, (n, device)), n_head, n)
 
 
-def derivative_tables(variant, n_head, n, device):
+def derivative_tables(variant, n_head, n, device, repeats=()):
     """[(theta, g)] for each trained parameter theta of the variant, g[h, t] = df_h(t) / dtheta_h,
     by forward-mode AD: the tangent 1 on every head gives each head's own derivative, since a head's
-    prior depends on its own entry only (route_problem checks it)."""
-    return [(p, torch.func.jvp(lambda x: prior_with(variant, name, x, n_head, n, device),
-                               (p,), (torch.ones_like(p),))[1].detach())
+    prior depends on its own entry only (route_problem checks it). g is None for the parameters in
+    `repeats` (prior_repeats): their g is f."""
+    return [(p, None if name in repeats else torch.func.jvp(
+                lambda x: prior_with(variant, name, x, n_head, n, device), (p,), (torch.ones_like(p),))[1].detach())
             for name, p in variant.named_parameters() if p.requires_grad]
+
+
+def prior_repeats(variant, n_head):
+    """Names of the trained parameters whose derivative table equals the prior table f at every value,
+    probed in float64 at the parameters' values and at two random draws around them."""
+    probe, n = copy.deepcopy(variant).double().cpu(), 8
+    draws = torch.Generator().manual_seed(0)
+    repeats = []
+    for name, p in probe.named_parameters():
+        values = [p.detach()] + [p.detach() + 0.3 * torch.randn(p.shape, generator=draws, dtype=p.dtype) for _ in range(2)]
+        tables = [torch.func.jvp(lambda x: prior_with(probe, name, x, n_head, n, "cpu"), (x,), (torch.ones_like(x),))
+                  for x in values]
+        if p.requires_grad and all(torch.allclose(g, f, rtol=1e-12, atol=0) for f, g in tables):
+            repeats.append(name)
+    return tuple(repeats)
 
 
 def route_problem(variant, n_head):
@@ -92,8 +110,8 @@ def attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask):
 
 
 def detached(t, engine):
-    """t without gradient; written to memory where compiled flex captures it (attention.materialize)."""
-    return materialize(t.detach()) if engine == "flex" and torch.compiler.is_compiling() else t.detach()
+    """t without gradient, as compiled flex captures it (attention.flex_capture)."""
+    return flex_capture(t.detach()) if engine == "flex" else t.detach()
 
 
 @torch.no_grad()
@@ -129,10 +147,36 @@ def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, blo
     return sign[None, ..., None] * spread + to_diag * p_diag * (v.to(dtype) - out.to(dtype))[:, :, None]
 
 
+class AttachGradients(torch.autograd.Function):
+    """out, unchanged, whose backward gives the SSMax factor c and each parameter theta the gradients of
+    the module docstring from the weights W (B, H, G, T, D): dO . W[slot of f] for c, and
+    sum over batch, positions and dims of dO . c W[slot of theta] for theta. The products and sums
+    are formed in W's dtype (float32 under fp16 autocast), never in out's: fp16's 65504 is passed by
+    c W at long lengths, and inf x 0 would be NaN."""
+
+    @staticmethod
+    def forward(ctx, out, weights, ssmax, c_slot, theta_slots, *thetas):
+        ctx.save_for_backward(weights, ssmax)
+        ctx.c_slot, ctx.theta_slots = c_slot, theta_slots
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        weights, ssmax = ctx.saved_tensors
+        d_out = grad_out.to(weights.dtype)
+        grad_c = None if ctx.c_slot is None else (d_out * weights[:, :, ctx.c_slot]).sum(-1).to(ssmax.dtype)
+        row = d_out if ssmax is None else d_out * ssmax[..., None].to(weights.dtype)
+        grad_thetas = [(row * weights[:, :, slot]).sum((0, 2, 3)) for slot in ctx.theta_slots]
+        return grad_out, None, grad_c, None, None, *grad_thetas
+
+
 def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, block, block_mask):
     """Causal attention as attention.attend gives it (flex or chunked, no KV cache), with the
     gradients of the prior's parameters and of the SSMax factor from the route above.
     derivatives: derivative_tables(variant, ...)."""
+    if not variant.additive:
+        raise ValueError(f"the exact prior-gradient route cannot take {type(variant).__name__}: "
+                         f"{route_problem(variant, q.shape[1])}; use attention.attend")
     B, H, T, _ = q.shape
     if engine == "flex" and block_mask is None:
         block_mask = flex_block_mask(B, T, T, 0, doc, q.device)
@@ -150,13 +194,14 @@ def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, bloc
     c_trained = ssmax is not None and ssmax.requires_grad and f is not None
     if not derivatives and not c_trained:
         return out
+    # the stacked quantities: f first when SSMax or a repeating parameter needs it, then each other g
+    with_f = c_trained or any(g is None for _, g in derivatives)
+    others = [g for _, g in derivatives if g is not None]
+    theta_slots = tuple(0 if g is None else int(with_f) + sum(o is not None for _, o in derivatives[:n])
+                        for n, (_, g) in enumerate(derivatives))
     weights = gradient_weights(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), score_mod,
-                               [f] * c_trained + [g for _, g in derivatives], engine, doc, block, block_mask)
-    # add zero with the exact gradient (module docstring). W is kept in out's dtype; the zero factor
-    # stays in float32, so the backward sums dO . W over batch and positions in float32
-    if c_trained:
-        out = out + ((ssmax - ssmax.detach())[..., None] * weights[:, :, 0].to(out.dtype)).to(out.dtype)
-    row = 1 if c is None else c[..., None]
-    for n, (theta, _) in enumerate(derivatives, start=int(c_trained)):
-        out = out + ((theta - theta.detach()).view(1, H, 1, 1) * (row * weights[:, :, n]).to(out.dtype)).to(out.dtype)
-    return out
+                               [f] * with_f + others, engine, doc, block, block_mask)
+    # kept for the backward in out's dtype (bf16: float32's range), or in float32 where out is fp16
+    weights = weights.to(torch.float32 if out.dtype == torch.float16 else out.dtype)
+    return AttachGradients.apply(out, weights, ssmax, 0 if c_trained else None, theta_slots,
+                                 *(theta for theta, _ in derivatives))

@@ -214,10 +214,40 @@ def test_flex_gradients_match_sdpa_on_cuda(name):
 
 
 def test_self_check_runs_on_the_cpu_and_refuses_bad_flags(capsys):
-    assert selfcheck.main(["--device", "cpu", "--variants", "bam", "--checks", "engines,decode"]) == 0
+    assert selfcheck.main(["--device", "cpu", "--variants", "bam,scaleinv", "--checks", "engines,decode"]) == 0
     out = capsys.readouterr().out
-    assert "7 passed, 0 failed" in out and out.count("chunked+passes float32") == 2  # the exact route, 2 head sizes
+    # the exact route where the model takes it (bam, 2 head sizes), not for scaleinv, which is not additive
+    assert "12 passed, 0 failed" in out and out.count("chunked+passes float32") == 2
+    assert "scaleinv  chunked+passes" not in out
     for bad in (["--checks", "speed"], ["--variants", "rope"], ["--device", "gpu0"]):
         with pytest.raises(SystemExit) as exit_info:
             selfcheck.main(bad)
         assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_flex_copies_what_it_captures_only_off_cuda(monkeypatch):
+    """materialize (a copy of each table and SSMax factor per layer) serves CPU Inductor's flex lowering;
+    on CUDA the tensors go to flex as they are. Every tensor the flex paths capture goes through
+    flex_capture, which copies off CUDA only (a CUDA tensor faked on the CPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    import prior_grad
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a compiled model
+    copies = []
+    monkeypatch.setattr(attention, "materialize", lambda t: copies.append(t) or t)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        on_cuda = torch.empty(3, device="cuda")
+        assert attention.flex_capture(on_cuda) is on_cuda and not copies
+    assert attention.flex_capture(torch.ones(3)) is not None and len(copies) == 1
+
+    captured = []
+    for module in (attention, prior_grad):  # no direct copy: only through flex_capture
+        monkeypatch.setattr(module, "flex_capture", lambda t: captured.append(t) or t)
+        monkeypatch.setattr(module, "flex_engine", lambda q, k, v, *a, return_lse=False, **kw: (
+            (v.new_zeros(q.shape), q.new_zeros(q.shape[:-1])) if return_lse else v.new_zeros(q.shape)))
+    variant = VARIANTS["bam"](GPTConfig(n_head=2, n_embd=32))
+    q = torch.randn(1, 2, 200, 16)
+    c = attention.ssmax_factor(torch.ones(2, requires_grad=True), 1, 200, 0, None)
+    attend(q, q, q, variant, variant(200, "cpu"), ssmax=c, engine="flex")
+    prior_grad.attend_exact(q, q, q, variant, variant(200, "cpu"), prior_grad.derivative_tables(variant, 2, 200, "cpu"),
+                            c, None, "flex", 64, None)
+    assert len(copies) == 1 and len(captured) == 5  # the table and c twice, the route's log r once

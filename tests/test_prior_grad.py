@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from attention import BAM, attend, flex_block_mask, make_score_mod, prior_score, ssmax_factor
+import prior_grad
+from attention import BAM, ScaleInvariant, attend, flex_block_mask, make_score_mod, prior_score, ssmax_factor
 import model as model_module
 from model import GPT, GPTConfig
-from prior_grad import attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_table, route_problem
+from prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats, prior_table,
+                        route_problem)
 
 H, D, B = 4, 8, 2
 TOLERANCE = 1e-9  # float64: the route and autograd differ by rounding only (1e-15 seen)
@@ -80,7 +82,8 @@ def gradients(var, T, doc, exact, seed=0):
     scale = torch.linspace(0.8, 1.5, H, dtype=torch.float64, requires_grad=True)
     c = ssmax_factor(scale, B, T, 0, doc)
     if exact:
-        y = attend_exact(q, k, v, var, var(T, "cpu"), derivative_tables(var, H, T, "cpu"), c, doc, "chunked", 64, None)
+        y = attend_exact(q, k, v, var, var(T, "cpu"), derivative_tables(var, H, T, "cpu", prior_repeats(var, H)), c, doc,
+                         "chunked", 64, None)
     else:
         y = attend(q, k, v, var, var(T, "cpu"), ssmax=c, doc=doc, engine="sdpa")
     leaves = [q, k, v, *var.parameters(), scale]
@@ -180,3 +183,43 @@ def test_scaleinv_with_ssmax_falls_back_and_nothing_trained_takes_the_plain_path
         assert not GPT(GPTConfig(attention=name, n_layer=1, n_head=H, n_embd=H * D, vocab_size=64)).exact_prior_grad
     assert GPT(GPTConfig(attention="bam", prior_grad="table", n_layer=1, n_head=H, n_embd=H * D)).exact_prior_grad \
         is False
+
+
+def test_a_parameter_whose_derivative_is_the_prior_shares_its_pass(monkeypatch):
+    """BAM's df/dtheta_alpha is f itself (as Centred's df/dlog_a): with SSMax the extra pass stacks 2
+    quantities per head, not 3. The gradients stay autograd's: the route test above drops the repeats."""
+    assert prior_repeats(make_variant("bam"), H) == ("theta_alpha",)
+    assert prior_repeats(make_variant("centred"), H) == ("log_a",) and prior_repeats(make_variant("cauchy"), H) == ()
+    stacked = []
+    monkeypatch.setattr(prior_grad, "attend_with_lse", lambda q, *a: stacked.append(q.shape[1]) or attend_with_lse(q, *a))
+    gradients(make_variant("bam"), 37, None, exact=True)
+    assert stacked == [H, 2 * H]  # the attention itself, then f (SSMax and theta_alpha) and g of theta_beta
+
+
+def test_the_route_refuses_a_variant_that_is_not_additive():
+    config = GPTConfig(attention="scaleinv", n_head=H, n_embd=H * D)
+    variant = ScaleInvariant(config)
+    q = torch.randn(1, H, 10, D)
+    with pytest.raises(ValueError, match="cannot take ScaleInvariant: its score is not additive"):
+        attend_exact(q, q, q, variant, variant(10, "cpu"), [], None, None, "chunked", 64, None)
+
+
+def test_fp16_outputs_stay_finite_where_c_times_w_passes_fp16s_range():
+    """Values near fp16's range and a large SSMax factor: c W passes 65504. The route adds nothing to
+    the forward (its output is attention's), and its gradients, reduced in float32, are finite."""
+    var = make_variant("bam").float()
+    T = 300
+    torch.manual_seed(0)
+    q, k = torch.randn(2, B, H, T, D, dtype=torch.float16)
+    v = (2e4 * torch.randn(B, H, T, D).clamp(-2, 2)).half()
+    scale = torch.full((H,), 8.0, requires_grad=True)
+    c = ssmax_factor(scale, B, T, 0, None)
+    derivatives = derivative_tables(var, H, T, "cpu", prior_repeats(var, H))
+    y = attend_exact(q, k, v, var, var(T, "cpu"), derivatives, c, None, "chunked", 64, None)
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+    plain = attend(q, k, v, var, {key: t.detach() for key, t in var(T, "cpu").items()}, ssmax=c.detach(),
+                   engine="chunked", block=64)
+    # the route folds c (~45 here) into fp16 q: its logits round otherwise than chunked's float32 ones
+    assert (y.float() - plain.float()).abs().max() < 3e-2 * plain.float().abs().max()
+    grads = torch.autograd.grad((y.float() * 1e-4).sum(), [scale, *var.parameters()])
+    assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
