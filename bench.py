@@ -10,18 +10,27 @@ Benchmark the positional variants in one run, so that their ratios are fair.
     python bench.py                                  # GPU: bf16, torch.compile, fused AdamW
     python bench.py --tiny --device cpu              # same code paths on a CPU, in seconds
     python bench.py --sections train --variants nope,bam --out bench.json
-    python bench.py --check                          # correctness self-check first, on a new GPU
+    python bench.py --quick                          # a new GPU in minutes: correctness + one step each
+    python bench.py --check                          # the full correctness self-check, for users with time
 
 Where a variant trains a prior or an SSMax scale and the engine is flex or chunked, train and attn
 time each --prior-grad route in its own row (grad column): passes (prior_grad.py: an exact extra
 attention pass) and table (the gradient through the tables, which flex sums with atomics).
 
 On CUDA the train and long sections print the project's H100 targets under their numbers, for the
-reader (nothing is asserted). Each long cell runs one untimed forward first (compilation).
+reader (nothing is asserted). Each long cell runs one untimed forward first (compilation). A cell
+that fails (out of memory, an error on a path this GPU never ran) is a row saying so; the other
+rows still run, --out is rewritten after every row, and the run exits 1 if a cell raised an error.
+
+--quick checks a GPU in a few minutes, in one PASS/FAIL table, exit 1 on a failure: for every
+variant, flex (and flex + passes where the model trains through it) against sdpa in bf16 at head
+size 64, T = 130 and 1000, outputs and gradients; then one compiled training step each at GPT-2 124M
+shape, tokens/s against nope (both --prior-grad routes for bam). On a CPU: float32, flex forward
+only, chunked + passes, and the tiny shape without compile.
 """
 import argparse
 import gc
-import json
+import math
 import statistics
 import sys
 import time
@@ -30,7 +39,7 @@ import torch
 
 import selfcheck
 from attention import VARIANTS, attend, choose_engine, ssmax_factor
-from model import GPT, GPTConfig, gpu_peak, native_bf16
+from model import GPT, GPTConfig, gpu_peak, native_bf16, save_json
 from prior_grad import attend_exact, derivative_tables, prior_repeats
 from settings import Parser, comma_list, flag_type, output_file, pick_device, run_main
 
@@ -80,7 +89,10 @@ def get_args(argv):
                    "suffix allowed (default 64K,256K,512K; 2K,4K with --tiny)")
     p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     p.add_argument("--check", action="store_true",
-                   help="run the correctness self-check (selfcheck.py) instead: run it first on a new GPU")
+                   help="run the full correctness self-check (selfcheck.py) instead: every engine, dtype, head size and length; far longer than --quick")
+    p.add_argument("--quick", action="store_true",
+                   help="check a new GPU in minutes instead: correctness of flex (+ passes) for every variant, and "
+                        "one compiled 124M training step each, in one PASS/FAIL table")
     return p.parse_args(argv)
 
 
@@ -88,8 +100,9 @@ def tokens_str(n):
     return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
-def fmt(x, spec, suffix=""):
-    return "OOM" if x is None else f"{x:{spec}}{suffix}"
+def fmt(r, key, spec, suffix=""):
+    """r[key] formatted, or why the cell has no value (OOM, the error)."""
+    return r["error"][:60] if "error" in r else f"{r[key]:{spec}}{suffix}"
 
 
 def sync(device):
@@ -116,12 +129,15 @@ def timed(fn, device, warmup, runs):
 
 
 def cell(fn, device):
-    """fn() with fresh compile caches (no recompile limit across cells); None if out of memory."""
+    """fn() with fresh compile caches (no recompile limit across cells). A failure is the cell's result,
+    not the end of the run: {"error": "OOM"} out of memory, {"error": "Type: message"} otherwise."""
     torch._dynamo.reset()
     try:
         return fn()
     except torch.OutOfMemoryError:
-        return None
+        return dict(error="OOM")
+    except Exception as e:  # e.g. a lowering error on a path this GPU has never run
+        return dict(error=f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}")
     finally:
         gc.collect()
         if device.type == "cuda":
@@ -130,6 +146,14 @@ def cell(fn, device):
 
 # ----------------------------------------------------------------------------------------
 # the three measurements
+
+def record(args, results, section, row):
+    """Append a row to results[section] and rewrite --out at once (atomically): a run stopped later keeps it."""
+    results[section].append(row)
+    if args.out:
+        save_json(results, args.out)
+    return row
+
 
 def prior_grad_routes(name, engine, args):
     """The --prior-grad routes to time for a variant on an engine: those asked for where they differ
@@ -155,17 +179,21 @@ def bench_train(name, route, shape, device, dtype, compile, warmup, steps):
     data = torch.randint(config.vocab_size, (shape["batch"], config.block_size + 1), device=device)
     x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
+    losses = []
+
     def step():
         with autocast(device, dtype):
             _, loss = train_model(x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
 
     seconds = timed(step, device, warmup, steps)
     L, H, Q, T = config.n_layer, config.n_head, config.n_embd // config.n_head, config.block_size
     flops = (6 * model.num_params() + 12 * L * H * Q * T) * x.numel()  # nanoGPT's estimate_mfu
-    return dict(ms_per_iter=1e3 * seconds, tokens_per_s=x.numel() / seconds, tflops=flops / seconds / 1e12)
+    return dict(ms_per_iter=1e3 * seconds, tokens_per_s=x.numel() / seconds, tflops=flops / seconds / 1e12,
+                loss=losses[-1].item())
 
 
 def bench_attention(name, engine, route, B, T, shape, device, dtype, warmup, runs):
@@ -178,15 +206,19 @@ def bench_attention(name, engine, route, B, T, shape, device, dtype, warmup, run
     leaves = [q, k, v, *variant.parameters(), *([] if scale is None else [scale])]
     repeats = prior_repeats(variant, H)  # parameters whose derivative is the prior: one pass less
 
-    def run():  # as in a training step: tables and SSMax factor from the parameters, then attention
+    def forward():  # as in a training step: tables and SSMax factor from the parameters, then attention
+        ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
+        tables = variant(T, device)
+        if route == "passes":
+            return attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device, repeats), ssmax, None,
+                                engine, config.attn_block, None)
+        return attend(q, k, v, variant, tables, ssmax=ssmax, engine=engine, block=config.attn_block)
+
+    forward = torch.compile(forward) if device.type == "cuda" else forward  # the glue fused, as in the model
+
+    def run():
         with torch.set_grad_enabled(backward):
-            ssmax = None if scale is None else ssmax_factor(scale, B, T, 0, None)
-            tables = variant(T, device)
-            if route == "passes":
-                y = attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device, repeats), ssmax, None,
-                                 engine, config.attn_block, None)
-            else:
-                y = attend(q, k, v, variant, tables, ssmax=ssmax, engine=engine, block=config.attn_block)
+            y = forward()
             if backward:
                 torch.autograd.grad(y.float().sum(), leaves)
 
@@ -223,14 +255,15 @@ def train_section(args, results):
         for route in prior_grad_routes(v, training_engine(v, args), args):
             r = cell(lambda: bench_train(v, route, args.shape, args.device, args.torch_dtype, args.compile,
                                          args.warmup, args.steps), args.device)
-            results["train"].append(dict(variant=v, prior_grad=route, **(r or dict(tokens_per_s=None))))
-            if r is None:
-                print(f"{v:10} {route:6} {'OOM':>9}")
+            if "error" in r:
+                record(args, results, "train", dict(variant=v, prior_grad=route, **r))
+                print(f"{v:10} {route:6} {r['error']}")
                 continue
-            base = next((b for b in results["train"] if b["variant"] == "nope" and b["tokens_per_s"]), None)
-            r = results["train"][-1]
+            base = next((b for b in results["train"] if b["variant"] == "nope" and "error" not in b),
+                        r if v == "nope" else None)
             r["mfu"] = r["tflops"] / peak if peak else None
             r["vs_nope"] = r["tokens_per_s"] / base["tokens_per_s"] if base else None
+            r = record(args, results, "train", dict(variant=v, prior_grad=route, **r))
             mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
             ratio = f"{r['vs_nope']:.2f}" if r["vs_nope"] is not None else "n/a"
             print(f"{v:10} {route:6} {r['ms_per_iter']:9.2f} {r['tokens_per_s'] / 1e3:9.1f}K {mfu:>7} {ratio:>8}")
@@ -242,7 +275,8 @@ def attn_section(args, results):
     H = args.shape["model"]["n_head"]
     print(f"\n== attn: attention only, {args.dtype}, H={H}, d={args.shape['model']['n_embd'] // H}, "
           f"median of {args.steps} runs after {args.warmup} warmup"
-          + ("" if args.device.type == "cuda" else "; flex runs forward only off CUDA"))
+          + ("; each cell compiled whole (tables, SSMax, attention)" if args.device.type == "cuda"
+             else "; eager; flex runs forward only off CUDA"))
     print(f"{'variant':10} {'engine':8} {'grad':6} {'B':>3} {'T':>6} {'mode':>8} {'ms':>10}")
     for T, B in args.shape["attn"]:
         for engine in ("sdpa", "flex", "chunked"):
@@ -251,10 +285,8 @@ def attn_section(args, results):
                 for route in prior_grad_routes(v, engine, args) if backward else ["-"]:
                     r = cell(lambda: bench_attention(v, engine, route, B, T, args.shape, args.device,
                                                      args.torch_dtype, args.warmup, args.steps), args.device)
-                    results["attention"].append(dict(variant=v, engine=engine, prior_grad=route, B=B, T=T,
-                                                     **(r or dict(ms=None))))
-                    mode = "" if r is None else r["mode"]
-                    print(f"{v:10} {engine:8} {route:6} {B:3d} {T:6d} {mode:>8} {fmt(r and r['ms'], '10.2f'):>10}")
+                    record(args, results, "attention", dict(variant=v, engine=engine, prior_grad=route, B=B, T=T, **r))
+                    print(f"{v:10} {engine:8} {route:6} {B:3d} {T:6d} {r.get('mode', ''):>8} {fmt(r, 'ms', '10.2f'):>10}")
 
 
 def long_section(args, results):
@@ -264,11 +296,49 @@ def long_section(args, results):
     for n in args.lengths:
         for v in args.variants:
             r = cell(lambda: bench_long(v, n, args.shape, args.device, args.torch_dtype), args.device)
-            results["long"].append(dict(variant=v, tokens=n, **(r or dict(seconds=None, peak_gb=None))))
-            peak_gb = "OOM" if r is None else "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-            print(f"{v:10} {tokens_str(n):>7} {fmt(r and r['seconds'], '9.2f'):>9} {peak_gb:>8}")
+            record(args, results, "long", dict(variant=v, tokens=n, **r))
+            peak_gb = "" if "error" in r else "n/a" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+            print(f"{v:10} {tokens_str(n):>7} {fmt(r, 'seconds', '9.2f'):>9} {peak_gb:>8}")
     if args.device.type == "cuda":
         print("targets (H100): 256K <= 15 s and <= 20 GB; 512K <= 60 s")
+
+
+def quick(args, results):
+    """--quick (module docstring): one PASS/FAIL table; returns the number of failed rows."""
+    cuda = args.device.type == "cuda"
+    dtype = torch.bfloat16 if cuda and native_bf16() else torch.float32
+    print(f"\n== quick: flex against sdpa ({str(dtype)[6:]}, head size 64, T = 130 and 1000), then one "
+          f"{'compiled ' if args.compile else ''}training step each ({'GPT-2 124M' if cuda else 'tiny'} shape)")
+    print(selfcheck.row("check", "variant", "setting", "detail", "result"))
+
+    def report(check, variant, setting, r, detail):
+        ok = "error" not in r and detail is not None
+        record(args, results, "quick", dict(check=check, variant=variant, setting=setting, ok=ok, **r))
+        print(selfcheck.row(check, variant, setting, r.get("error", detail), "PASS" if ok else "FAIL"), flush=True)
+
+    for v in args.variants:  # flex + passes only where the model trains through the route
+        passes = ["flex+passes" if cuda else "chunked+passes"] * selfcheck.takes_route(v)
+        for engine in ["flex", *passes]:
+            backward = cuda or engine != "flex"
+            r = cell(lambda: dict(errors=[selfcheck.attention_case(v, engine, T, 64, dtype, args.device, backward)
+                                          for T in (130, 1000)]), args.device)
+            ok = "error" not in r and max(r["errors"]) < selfcheck.TOLERANCE[dtype]
+            report("engines", v, f"{engine} {'fwd+bwd' if backward else 'fwd'}", r,
+                   "err " + " ".join(f"{e:.0e}" for e in r.get("errors", [])) if ok else None)
+    steps = dict(warmup=2, steps=3) if cuda else dict(warmup=1, steps=2)
+    for v in args.variants:
+        for route in prior_grad_routes(v, training_engine(v, args), args):
+            r = cell(lambda: bench_train(v, route, args.shape, args.device, args.torch_dtype, args.compile, **steps),
+                     args.device)
+            base = next((b for b in results["quick"] if b["check"] == "train" and b["ok"]), None)
+            ratio = f", {r['tokens_per_s'] / base['tokens_per_s']:.2f}x {base['variant']}" if base and "error" not in r else ""
+            report("train", v, f"grad {route}", r, f"{r['tokens_per_s'] / 1e3:.1f}K tok/s{ratio}, loss {r['loss']:.2f}"
+                   if "error" not in r and math.isfinite(r["loss"]) else None)
+    failed = sum(not r["ok"] for r in results["quick"])
+    print(f"{len(results['quick']) - failed} passed, {failed} failed")
+    if cuda:
+        print("target (H100): every variant >= 0.85x nope")
+    return failed
 
 
 def summary(args, results):
@@ -278,17 +348,17 @@ def summary(args, results):
     for v in args.variants:
         parts = []
         for r in results["train"]:
-            if r["variant"] == v and r["tokens_per_s"]:
+            if r["variant"] == v and "error" not in r:
                 route = "" if r["prior_grad"] == "-" else f" ({r['prior_grad']})"
                 ratio = f", {r['vs_nope']:.2f}x nope" if r["vs_nope"] is not None else ""
                 parts.append(f"train{route} {r['tokens_per_s'] / 1e3:.1f}K tok/s{ratio}")
-        timed_attn = [a for a in results["attention"] if a["variant"] == v and a["ms"] and a["mode"] == "fwd+bwd"]
+        timed_attn = [a for a in results["attention"] if a["variant"] == v and a.get("mode") == "fwd+bwd"]
         if timed_attn:
             T = max(a["T"] for a in timed_attn)
             best = min((a for a in timed_attn if a["T"] == T), key=lambda a: a["ms"])
             route = "" if best["prior_grad"] == "-" else f" ({best['prior_grad']})"
             parts.append(f"attn T={T} {best['engine']}{route} {best['ms']:.2f} ms")
-        parts += [f"{tokens_str(r['tokens'])} {fmt(r['seconds'], '.2f', ' s')}"
+        parts += [f"{tokens_str(r['tokens'])} {fmt(r, 'seconds', '.2f', ' s')}"
                   for r in results["long"] if r["variant"] == v]
         print(f"{v:10} " + ", ".join(parts))
 
@@ -297,10 +367,10 @@ def main(argv=None):
     args = get_args(argv)
     if args.check:
         sys.exit(selfcheck.main(["--device", args.device, "--variants", ",".join(args.variants)]))
-    # resolve the defaults that depend on the device and on --tiny
+    # resolve the defaults that depend on the device and on --tiny (--quick on a CPU: tiny)
     args.device = pick_device(args.device)
     cuda = args.device.type == "cuda"
-    args.shape = TINY if args.tiny else FULL
+    args.shape = TINY if args.tiny or args.quick and not cuda else FULL
     args.dtype = args.dtype or (("bfloat16" if native_bf16() else "float16") if cuda else "float32")
     args.torch_dtype = getattr(torch, args.dtype)
     args.compile = cuda if args.compile is None else args.compile
@@ -319,17 +389,27 @@ def main(argv=None):
     torch.manual_seed(0)
 
     print(f"device {name}, torch {torch.__version__}, {args.dtype}, compile {args.compile}, "
-          f"{'tiny' if args.tiny else 'GPT-2 124M'} shape {args.shape['model']}")
+          f"{'tiny' if args.shape is TINY else 'GPT-2 124M'} shape {args.shape['model']}")
     results = dict(device=name, torch=torch.__version__, dtype=args.dtype, compile=args.compile, tiny=args.tiny,
-                   peak_tflops=args.peak_tflops, train=[], attention=[], long=[])
-    for section, run in (("train", train_section), ("attn", attn_section), ("long", long_section)):
-        if section in args.sections:
-            run(args, results)
-    summary(args, results)
+                   peak_tflops=args.peak_tflops, train=[], attention=[], long=[], quick=[])
+    if args.quick:
+        failed = quick(args, results)
+    else:
+        for section, run in (("train", train_section), ("attn", attn_section), ("long", long_section)):
+            if section in args.sections:
+                run(args, results)
+        summary(args, results)
+        errors = [r for rows in (results["train"], results["attention"], results["long"]) for r in rows
+                  if r.get("error", "OOM") != "OOM"]
+        for r in errors:
+            print(f"error in a cell ({', '.join(str(r[k]) for k in ('variant', 'engine', 'T', 'tokens') if k in r)}): "
+                  f"{r['error']}")
+        failed = len(errors)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        save_json(results, args.out)
         print(f"wrote {args.out}")
+    if failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

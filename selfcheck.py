@@ -31,6 +31,11 @@ CHECKS = ("engines", "decode", "compile", "64K")
 TOLERANCE = {torch.float32: 2e-3, torch.bfloat16: 5e-2}
 
 
+def row(check, variant, setting, detail, result):
+    """One line of the PASS/FAIL table (bench.py --quick prints the same)."""
+    return f"  {check:8} {variant:9} {setting:38} {detail:34} {result}"
+
+
 def relative_error(got, want):
     return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp(min=1e-2)).item()
 
@@ -152,7 +157,7 @@ def main(argv=None):
         nonlocal failed
         failed += not ok
         rows.append((check, variant, setting, detail, "PASS" if ok else "FAIL"))
-        print(f"  {check:8} {variant:9} {setting:38} {detail:34} {rows[-1][-1]}", flush=True)
+        print(row(*rows[-1]), flush=True)
 
     def guarded(check, variant, setting, fn):
         try:
@@ -160,7 +165,7 @@ def main(argv=None):
         except Exception as e:  # a failing kernel is a FAIL row, not the end of the check
             report(check, variant, setting, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", False)
 
-    print(f"  {'check':8} {'variant':9} {'setting':38} {'detail':34} result")
+    print(row("check", "variant", "setting", "detail", "result"))
     for v in variants:
         passes = ["flex+passes" if cuda else "chunked+passes"] * takes_route(v)  # the exact prior gradient route
         for engine in ["flex", "chunked", *passes] if "engines" in checks else ():

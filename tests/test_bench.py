@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("nope", "alibi", "bam", "scaleinv")
 
@@ -43,3 +45,55 @@ def test_bench_tiny_runs_every_section(tmp_path):
         == [("bam", "chunked", "passes")] * 2 + [("bam", "chunked", "table")] * 2
     assert all(r["ms"] > 0 for r in results["attention"])
     assert all(r["seconds"] > 0 and r["peak_gb"] is None for r in results["long"])
+
+
+def test_bench_quick_prints_one_pass_fail_table_on_cpu(tmp_path):
+    out = tmp_path / "quick.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split()[:3] for line in proc.stdout.splitlines() if line.split()[:1] in (["engines"], ["train"])]
+    # flex forward for every variant, the exact route where the model takes it (bam), a step each
+    assert rows == [["engines", v, "flex"] for v in VARIANTS[:3]] + [["engines", "bam", "chunked+passes"],
+                    ["engines", "scaleinv", "flex"]] + [["train", v, "grad"] for v in VARIANTS]
+    assert "9 passed, 0 failed" in proc.stdout
+    results = json.loads(out.read_text())["quick"]
+    assert len(results) == 9 and all(r["ok"] for r in results)
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_s"] > 0 for r in results if r["check"] == "train")
+
+
+def test_a_failing_cell_leaves_the_other_rows_and_the_json(tmp_path, monkeypatch, capsys):
+    import bench
+    real = bench.bench_attention
+
+    def fails_for_bam(name, *args):
+        if name == "bam":
+            raise RuntimeError("a lowering error\nwith more lines")
+        return real(name, *args)
+
+    monkeypatch.setattr(bench, "bench_attention", fails_for_bam)
+    out = tmp_path / "bench.json"
+    argv = ["--tiny", "--device", "cpu", "--sections", "attn", "--variants", "nope,bam", "--steps", "1",
+            "--warmup", "0", "--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 1
+    rows = json.loads(out.read_text())["attention"]
+    assert len(rows) == 2 * (3 + 4)  # 2 lengths: nope timed on 3 engines, bam the error on 3 (chunked: 2 routes)
+    assert all(r["ms"] > 0 for r in rows if r["variant"] == "nope")
+    assert all(r["error"] == "RuntimeError: a lowering error" for r in rows if r["variant"] == "bam")
+    assert "error in a cell (bam, sdpa, 128): RuntimeError: a lowering error" in capsys.readouterr().out
+
+    calls = []  # a run stopped mid-way keeps the rows it finished on disk
+
+    def stopped_at_the_third_cell(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return dict(ms=1.0, mode="fwd")
+
+    monkeypatch.setattr(bench, "bench_attention", stopped_at_the_third_cell)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(argv)
+    assert len(json.loads(out.read_text())["attention"]) == 2
