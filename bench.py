@@ -90,11 +90,11 @@ def get_args(argv):
     p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     modes = p.add_mutually_exclusive_group()
     modes.add_argument("--check", action="store_true",
-                   help="run the full correctness self-check (selfcheck.py) instead: every engine, dtype, head "
-                        "size and length; far longer than --quick")
+                       help="run the full correctness self-check (selfcheck.py) instead: every engine, dtype, head "
+                            "size and length; far longer than --quick")
     modes.add_argument("--quick", action="store_true",
-                   help="check a new GPU in minutes instead: correctness of flex (+ passes) for every variant, and "
-                        "one compiled 124M training step each, in one PASS/FAIL table")
+                       help="check a new GPU in minutes instead: correctness of flex (+ passes) for every variant, and "
+                            "one compiled 124M training step each, in one PASS/FAIL table")
     return p.parse_args(argv)
 
 
