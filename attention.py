@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from chunked import allowed, chunked_attention, index_grids, toeplitz_attention
+
 if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
     raise ImportError(f"torch {torch.__version__} is too old: FlexAttention training needs torch >= 2.6 "
                       f"(./setup.sh installs torch==2.13.0)")
@@ -155,6 +157,23 @@ def ssmax_factor(scale, batch, n_query, q_offset, doc):
     return scale.to(dtype)[None, :, None] * torch.log(n.to(dtype))[:, None, :]
 
 
+def distance_table(variant, tables, n_head, n, device, s=0.0):
+    """The variant's score of logit s at every (head, distance t < n), (H, n): at s = 0 the prior
+    f[h, t] that an additive variant adds."""
+    h, t = torch.arange(n_head, device=device)[:, None], torch.arange(n, device=device)[None, :]
+    return torch.as_tensor(variant.score(s, 0, h, t, 0, tables), device=device).expand(n_head, n)
+
+
+def affine_tables(variant, tables, n_head, n, device):
+    """(f, a) with score(s) = a[h, t] s + f[h, t] (a None for an additive variant), or None for a
+    score that is not affine in s, checked at s = 2."""
+    f = distance_table(variant, tables, n_head, n, device)
+    if variant.additive:
+        return f, None
+    a = distance_table(variant, tables, n_head, n, device, 1.0) - f
+    return (f, a) if torch.allclose(distance_table(variant, tables, n_head, n, device, 2.0), f + 2 * a) else None
+
+
 def make_score_mod(variant, tables, ssmax, q_offset):
     """The full score function of one attention call, in FlexAttention's signature.
     q arrives as the local query index; the variant sees absolute positions."""
@@ -174,23 +193,6 @@ def document_ids(idx, eot):
 # ----------------------------------------------------------------------------------------
 # engines
 
-def _index_grids(B, H, q_range, k_range, device, doc):
-    # without documents every batch row scores alike: one row of the grid serves them all
-    b = torch.arange(B if doc is not None else 1, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(*q_range, device=device).view(1, 1, -1, 1)
-    kv = torch.arange(*k_range, device=device).view(1, 1, 1, -1)
-    return b, h, q, kv
-
-
-def _allowed(b, q, kv, q_offset, doc):
-    """Causal (+ same document) mask on index grids; q is the local query index."""
-    mask = q + q_offset >= kv
-    if doc is not None:
-        mask = mask & (doc[b, q + q_offset] == doc[b, kv])
-    return mask
-
-
 def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
@@ -199,8 +201,8 @@ def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if plain and Tq == 1:  # one new token against its cache: nothing to mask
         return F.scaled_dot_product_attention(q, k, v)
-    b, h, qi, ki = _index_grids(B, H, (0, Tq), (0, Tk), q.device, doc)
-    mask = _allowed(b, qi, ki, q_offset, doc)
+    b, h, qi, ki = index_grids(B, H, (0, Tq), (0, Tk), q.device, doc)
+    mask = allowed(b, qi, ki, q_offset, doc)
     if variant.additive:
         # (S + f) * c = (q * c).k / sqrt(d) + f * c: fold the row factor c into q, pass f * c
         bias = score_mod(torch.zeros((), device=q.device), b, h, qi, ki)
@@ -211,39 +213,6 @@ def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
     s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
     s = torch.where(mask, score_mod(s, b, h, qi, ki), float("-inf"))
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
-
-
-def chunked_attention(q, k, v, score_mod, doc, q_offset, block, return_lse=False):
-    """Online softmax over (query block x key block) tiles, in float32 (float64 for float64
-    inputs). Memory ~ B*H*block^2.
-    return_lse: also the log-sum-exp of each query's logits (B, H, Tq), as flex returns it."""
-    B, H, Tq, D = q.shape
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    out, lse = [], []
-    for qs in range(0, Tq, block):
-        qe = min(qs + block, Tq)
-        q_tile = q[:, :, qs:qe].to(dtype) / math.sqrt(D)
-        m = torch.full((B, H, qe - qs, 1), float("-inf"), device=q.device, dtype=dtype)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(B, H, qe - qs, D, device=q.device, dtype=dtype)
-        k_end = q_offset + qe  # causal: later keys are never seen by this query block
-        for ks in range(0, k_end, block):
-            ke = min(ks + block, k_end)
-            b, h, qi, ki = _index_grids(B, H, (qs, qe), (ks, ke), q.device, doc)
-            s = score_mod(q_tile @ k[:, :, ks:ke].to(dtype).transpose(-1, -2), b, h, qi, ki)
-            if doc is not None or ke - 1 > qs + q_offset:  # tiles wholly in the past need no mask
-                s = torch.where(_allowed(b, qi, ki, q_offset, doc), s, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-            p = torch.exp(s - m_safe)
-            correction = torch.exp(m - m_safe)
-            l = l * correction + p.sum(dim=-1, keepdim=True)
-            acc = acc * correction + p @ v[:, :, ks:ke].to(dtype)
-            m = m_new
-        out.append(acc / l)
-        lse.append((m + torch.log(l)).squeeze(-1))
-    out = torch.cat(out, dim=2).to(q.dtype)
-    return (out, torch.cat(lse, dim=2)) if return_lse else out
 
 
 FLEX_BLOCK = 128  # FlexAttention's sparse block size: the block mask says which key blocks each query block sees
@@ -373,6 +342,11 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
     if engine == "sdpa":
         return sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset)
     if engine == "chunked":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, ssmax, *tables.values()))
+        affine = None if needs_grad else affine_tables(variant, tables, H, k.shape[2], q.device)
+        if affine is not None:  # inference: the fused kernel on views of the tables
+            return toeplitz_attention(q, k, v, *affine, ssmax, doc, q_offset, block)
         return chunked_attention(q, k, v, score_mod, doc, q_offset, block)
     if engine == "flex":
         if block_mask is None:

@@ -85,28 +85,32 @@ class CausalSelfAttention(nn.Module):
             fraction = 1.0 if config.rope == "full" else config.rope_fraction
             self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None):
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None,
+                queries_from=0):
+        """queries_from: only the queries from this position on are computed (keys and values from
+        every position); the output then has T - queries_from rows."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
             q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
-        q_offset = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        past = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
         if self.config.key_offset:
             k = self.offset_keys(k, doc, cache)
         if self.config.rope != "none":
-            positions = torch.arange(q_offset, q_offset + T, device=x.device)
+            positions = torch.arange(past, past + T, device=x.device)
             q, k = apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq)
         if cache is not None:
-            if q_offset:
+            if past:
                 k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        ssmax = ssmax_factor(self.ssmax_scale, B, T, q_offset, doc) if self.config.ssmax else None
+        q, q_offset = q[:, :, queries_from:], past + queries_from
+        ssmax = ssmax_factor(self.ssmax_scale, B, q.shape[2], q_offset, doc) if self.config.ssmax else None
         if derivatives is None:
             y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
                        engine=engine, block=self.config.attn_block, block_mask=block_mask)
         else:  # the prior's and SSMax's gradients from prior_grad.py's extra pass
             y = attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, self.config.attn_block, block_mask)
-        return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+        return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, q.shape[2], C)))
 
     @staticmethod
     def offset_keys(k, doc, cache):
@@ -144,8 +148,10 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None):
-        x = x + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask, derivatives)
+    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None,
+                queries_from=0):
+        x = x[:, queries_from:] + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask, derivatives,
+                                            queries_from)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -213,9 +219,10 @@ class GPT(nn.Module):
             out = out + self.prev_weight[k] * (previous if position is None else previous * (position >= k))
         return out
 
-    def hidden_states(self, idx, doc=None, cache=None):
-        """Final-norm hidden states (B, T, C). doc: (B, T) document ids for document masking;
-        cache: a list of per-layer dicts from new_cache(), extended in place."""
+    def hidden_states(self, idx, doc=None, cache=None, queries_from=0):
+        """Final-norm hidden states (B, T - queries_from, C). doc: (B, T) document ids for document
+        masking; cache: a list of per-layer dicts from new_cache(), extended in place; queries_from:
+        the first position whose state is needed (the last layer computes no query before it)."""
         B, T = idx.shape
         n_keys = T + (cache[0]["k"].shape[2] if cache is not None and cache[0].get("k") is not None else 0)
         # everything the layers share is made once per forward, outside the layer loop: the
@@ -232,24 +239,32 @@ class GPT(nn.Module):
                        for p in self.positional]
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
+        # the last layer's queries start at queries_from: its own engine (and block mask) for them
+        last = (choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys), None, queries_from)
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
-            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask,
-                      derivatives[j])
+            engine_i, block_mask_i, queries_from_i = last if queries_from and i == len(self.blocks) - 1 else (
+                engine, block_mask, 0)
+            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine_i, block_mask_i,
+                      derivatives[j], queries_from_i)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):
         """Like nanoGPT: with targets, logits everywhere and the mean cross-entropy (ignore -1);
         without, logits at the last position only, or at the positions `logits_at` lists
         (long evaluation must never build a T x vocab tensor)."""
-        x = self.hidden_states(idx, doc, cache)
         if targets is not None:
+            x = self.hidden_states(idx, doc, cache)
             logits = self.lm_head(x)
             # mean over the counted targets (-1: not counted, e.g. outside a loss mask); 0 if none is
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                    reduction="sum") / (targets != -1).sum().clamp(min=1)
             return logits, loss
-        x = x[:, -1:] if logits_at is None else x[:, logits_at]
+        # the last layer computes queries from the first scored position on only (eagerly: compiled, a
+        # symbolic query offset is what Inductor's CPU flex lowering cannot take)
+        first = 0 if torch.compiler.is_compiling() else idx.shape[1] - 1 if logits_at is None else int(logits_at.min())
+        x = self.hidden_states(idx, doc, cache, queries_from=first)
+        x = x[:, -1:] if logits_at is None else x[:, logits_at - first]
         return self.lm_head(x), None
 
     def new_cache(self):

@@ -34,7 +34,8 @@ import math
 
 import torch
 
-from attention import chunked_attention, distance, flex_block_mask, flex_capture, flex_engine, make_score_mod
+from attention import distance, flex_block_mask, flex_capture, flex_engine, make_score_mod
+from chunked import chunked_attention
 
 
 def prior_table(variant, tables, n_head, n):

@@ -268,3 +268,31 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
         assert (got.double() - want).abs().max() < 2e-5, engine
     attend(q, k, v, var, var(70, "cpu"), engine="sdpa").sum().backward()
     assert var.log_width.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("use_ssmax", [False, True])
+@pytest.mark.parametrize("use_doc", [False, True])
+def test_inference_tiles_equal_float64_reference(name, use_ssmax, use_doc, monkeypatch):
+    """chunked without autograd runs chunked.toeplitz_attention (the bias a view of the tables) and
+    equals the float64 reference at awkward lengths and tiles, queries at the end of the keys too."""
+    import chunked
+    calls = []
+    monkeypatch.setattr("attention.toeplitz_attention", lambda *a: calls.append(1) or chunked.toeplitz_attention(*a))
+    for T, block, q_offset in ((1, 7, 0), (37, 7, 0), (130, 48, 0), (300, 64, 0), (130, 48, 77), (300, 1000, 299)):
+        var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
+        var, q, k, v = var.double(), q.double(), k.double(), v.double()
+        if use_ssmax:
+            ssmax = ssmax_factor(torch.tensor(SSMAX_SCALE, dtype=torch.float64), 2, T, 0, doc)[:, :, q_offset:]
+        want = reference_attention(q, k, v, papers_logits(name, var, use_ssmax, doc), doc)[:, :, q_offset:]
+        tables = {key: t.double() for key, t in var(T, "cpu").items()}
+        if name == "scaleinv":  # its tables are float32 (no parameter to take float64 from): the same in float64
+            log_t = torch.log1p(torch.arange(T, dtype=torch.float64) / var.tau)
+            tables = {"a": torch.sqrt(2 * log_t + 1), "m": -2 * log_t}
+        with torch.no_grad():
+            got = attend(q[:, :, q_offset:], k, v, var, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
+                         engine="chunked", block=block)
+        assert got.dtype == torch.float64
+        err = (got - want).abs().max().item()
+        assert err < 1e-10, f"{name} T={T} block={block} q_offset={q_offset}: max error {err}"
+    assert len(calls) == 6

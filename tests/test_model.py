@@ -49,6 +49,29 @@ def test_causal_and_document_isolation(name, engine):
     assert not torch.allclose(all_logits(model, other_doc)[:, 12:], all_logits(model, idx)[:, 12:], atol=1e-3)
 
 
+@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("ssmax", [False, True])
+def test_scored_positions_equal_a_full_forward(name, ssmax):
+    """Logits at a few positions (the last layer computing queries from the first of them on only)
+    equal those of a full forward, on sdpa and chunked, with documents and rotary."""
+    model = tiny(name, ssmax=ssmax, rope="partial", attn_block=8, qk_norm=True)
+    idx = torch.randint(1, 64, (2, 50))
+    idx[:, 12] = EOT
+    doc = document_ids(idx, EOT)
+    model.config.engine = "sdpa"
+    full = all_logits(model, idx, doc)
+    rows = []
+    model.blocks[-1].mlp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[1]))
+    for engine in ("sdpa", "chunked"):
+        model.config.engine = engine
+        with torch.no_grad():
+            for positions in (torch.tensor([33, 34, 40, 49]), None):
+                got = model(idx, doc=doc, logits_at=positions)[0]
+                want = full[:, -1:] if positions is None else full[:, positions]
+                assert torch.allclose(got, want, atol=1e-5), (engine, positions)
+    assert rows == [50 - 33, 1] * 2  # the last layer's queries: from the first scored position on
+
+
 @pytest.mark.parametrize("name,rope", [(name, "none") for name in VARIANTS] + [("nope", "full"), ("scaleinv", "full"),
                                                                          ("nope", "partial"), ("bam", "partial")])
 def test_attention_depends_on_relative_position_only(name, rope):
