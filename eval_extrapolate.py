@@ -15,6 +15,7 @@ scored teacher-forced, with logits only at the answer positions: no T x vocab te
 import glob
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -29,7 +30,8 @@ from data.synthetic import CITIES
 from attention import FLEX_BLOCK, choose_engine, document_ids
 from model import load_checkpoint, native_bf16, save_json
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
-from settings import Parser, flag_type, output_file, pick_device, run_main
+from settings import Parser, StopSignals, flag_type, output_file, pick_device, run_main
+from sweep import accuracy_grid, checkpoint_digest, finished_sweep, print_grid, print_losses, save_heatmap
 
 # -----------------------------------------------------------------------------
 # the loss by position
@@ -217,69 +219,23 @@ def parse_args(argv):
     p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),
                    help="memory budget for the pre-run check (default: the device's free memory)")
     p.add_argument("--out", type=output_file, help="results JSON (default: eval_<task>.json next to the checkpoint; "
-                                 "a heatmap .png goes next to it when matplotlib is installed)")
+                                 "a heatmap .png goes next to it when matplotlib is installed); written after "
+                                 "every finished (length, depth) cell")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the sweep stopped in --out (SIGTERM, Ctrl-C, a crash), keeping its finished cells; "
+                        "refused unless the checkpoint and every other setting are the same")
     args = p.parse_args(argv)
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
     return args
 
 # -----------------------------------------------------------------------------
-# reports
-
-
-def accuracy_grid(results, lengths, depths):
-    """{depth or 'all': {length label: accuracy}}; niah counts every needle of a prompt."""
-    def accuracy(n, depth):
-        hits = [r["correct"] for r in results if r["length"] == n and depth in ("all", r["depth"])]
-        return sum(hits) / len(hits)
-    return {str(d): {label: accuracy(n, d) for label, n in lengths} for d in depths + ["all"]}
-
-
-def print_grid(grid, lengths, name):
-    rows = "depth of the first needle" if name == "niah" else "needle depth"
-    print(f"\n{name} accuracy, rows: {rows}, columns: length")
-    print("depth".ljust(8) + "".join(f"{f'{label} ({n})':>16}" for label, n in lengths))
-    for depth, row in grid.items():
-        print(depth.ljust(8) + "".join(f"{row[label]:>16.2f}" for label, _ in lengths))
-
-
-def print_losses(summary, masked):
-    """Loss table: one row per length, the mean and one column per position bucket."""
-    names = list(max((s["buckets"] for s in summary), key=len))
-    scored = "the tokens the dataset's loss mask counts (answers)" if masked else "all positions"
-    print(f"\nvalidation loss on {scored}; columns: all of them, then by position bucket")
-    print("length".ljust(18) + f"{'all':>8}" + "".join(f"{b:>16}" for b in names))
-    for s in summary:
-        cells = "".join(f"{s['buckets'][b]:>16.3f}" if b in s["buckets"] else " " * 16 for b in names)
-        print(f"{s['label']} ({s['length']})".ljust(18) + f"{s['loss']:>8.3f}" + cells)
-
-
-def save_heatmap(grid, lengths, depths, path, title):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("heatmap skipped: matplotlib is not installed")
-        return
-    grid = [[grid[str(d)][label] for label, _ in lengths] for d in depths]
-    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.5 * len(depths) + 2))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{label}\n{n}" for label, n in lengths])
-    ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
-    ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("needle depth")
-    ax.set_title(title)
-    fig.colorbar(im, label="accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    print(f"wrote {path}")
-
-# -----------------------------------------------------------------------------
 
 
 def build_cells(model, enc, lengths, depths, args):
-    """Every prompt of the run, by length: built before any compute, so a length too short or a
-    tokenizer that does not fit the model fails at once."""
+    """Every prompt of the run, {(label, length): {depth: [samples]}}: built before any compute, so
+    a length too short or a tokenizer that does not fit the model fails at once."""
     haystack = None
     if args.haystack:
         try:
@@ -292,48 +248,74 @@ def build_cells(model, enc, lengths, depths, args):
         for depth in depths:
             for i in range(args.samples):
                 rng = random.Random(f"{args.seed}/{n}/{depth}/{i}")
-                cells.setdefault((label, n), []).append(
+                cells.setdefault((label, n), {}).setdefault(depth, []).append(
                     passkey_sample(enc, n, depth, args.digits, rng, args.prefix_digits) if args.task == "passkey"
                     else niah_sample(enc, n, depth, args.needles, haystack, rng))
-    if max(int(s["tokens"].max()) for samples in cells.values() for s in samples) >= model.config.vocab_size:
+    if max(int(s["tokens"].max()) for by_depth in cells.values() for samples in by_depth.values()
+           for s in samples) >= model.config.vocab_size:
         raise ValueError(f"the tokenizer gives ids >= the model's vocab_size {model.config.vocab_size}")
     return cells
 
 
-def score_cells(model, enc, cells, device, ctx, patience=0):
-    """Score every prompt, shortest length first; with patience, stop after that many lengths in a
-    row where nothing was retrieved."""
+def score_cells(model, enc, cells, device, ctx, patience=0, done=(), saved=None, stop=None):
+    """Score every prompt cell by cell, shortest length first. done: result rows of cells finished
+    by an earlier run (--resume), kept and not recomputed; saved(results) after each finished cell;
+    stop.signum set: return at the next prompt, without the unfinished cell. With patience, stop
+    after that many lengths in a row where nothing was retrieved. Returns (results, stopped)."""
     results, misses = [], 0
-    for (label, n), samples in cells.items():
+    for (label, n), by_depth in cells.items():
         if patience and misses >= patience:
             print(f"{label}: skipped (--patience {patience}: {misses} lengths in a row at 0 accuracy)")
             continue
         scored = len(results)
-        for sample in tqdm(samples, desc=f"{label} ({n} tokens)", unit="sample"):
-            start = time.time()
-            with ctx:
-                logits = answer_logits(model, sample, device)
-            for k, verdict in enumerate(judge(logits, sample, enc)):
-                depth = sample["needle_depths"][k] if "needle_depths" in sample else sample["depth"]
-                results.append({"length": n, "label": label, "actual_length": len(sample["tokens"]) - 1,
-                                "depth": sample["depth"], "needle": k, "needle_depth": depth,
-                                "needle_at": sample["needle_at"][k], "key": sample["keys"][k],
-                                **verdict, "seconds": time.time() - start})
+        with tqdm(total=sum(map(len, by_depth.values())), desc=f"{label} ({n} tokens)", unit="prompt") as bar:
+            for depth, samples in by_depth.items():
+                finished = [r for r in done if r["length"] == n and r["depth"] == depth]
+                if finished:
+                    results += finished
+                    bar.update(len(samples))
+                    continue
+                cell = []
+                for sample in samples:
+                    if stop is not None and stop.signum:
+                        return results, True
+                    start = time.time()
+                    with ctx:
+                        logits = answer_logits(model, sample, device)
+                    for k, verdict in enumerate(judge(logits, sample, enc)):
+                        at = sample["needle_depths"][k] if "needle_depths" in sample else sample["depth"]
+                        cell.append({"length": n, "label": label, "actual_length": len(sample["tokens"]) - 1,
+                                     "depth": sample["depth"], "needle": k, "needle_depth": at,
+                                     "needle_at": sample["needle_at"][k], "key": sample["keys"][k],
+                                     **verdict, "seconds": time.time() - start})
+                    bar.update()
+                results += cell
+                if saved is not None:
+                    saved(results)
         misses = 0 if any(r["correct"] for r in results[scored:]) else misses + 1
-    return results
+    return results, False
 
 
-def score_losses(model, lengths, files, sizes, args, device, ctx):
+def score_losses(model, lengths, files, sizes, args, device, ctx, done=None, saved=None, stop=None):
     """Per length: `samples` windows of L+1 tokens evenly spaced through the val split. Returns
     every window's mean loss and, per length, the mean loss overall and per position bucket.
-    Where the dataset has loss masks (data/synthetic), only the tokens they count are scored."""
+    Where the dataset has loss masks (data/synthetic), only the tokens they count are scored.
+    done, saved, stop: as score_cells takes them, a cell being one length. Returns (results,
+    summary, stopped)."""
     masks = [os.path.join(os.path.dirname(f), LOSS_MASK_DIR, os.path.basename(f)) for f in files]
     masks = masks if all(os.path.exists(m) for m in masks) else None
     results, summary = [], []
     for label, n in lengths:
+        finished = [s for s in (done or {}).get("summary", []) if s["length"] == n]
+        if finished:
+            results += [r for r in done["results"] if r["length"] == n]
+            summary += finished
+            continue
         starts = np.linspace(0, sum(sizes) - n - 1, args.samples).round().astype(int).tolist()
-        total, counted = torch.zeros(n), torch.zeros(n)
+        total, counted, cell = torch.zeros(n), torch.zeros(n), []
         for start in tqdm(starts, desc=f"{label} ({n} tokens)", unit="sample"):
+            if stop is not None and stop.signum:
+                return results, summary, True
             t0 = time.time()
             with ctx:
                 window = read_window(files, sizes, start, n + 1).to(device)
@@ -341,18 +323,23 @@ def score_losses(model, lengths, files, sizes, args, device, ctx):
             weight = torch.ones(n) if masks is None else read_window(masks, sizes, start + 1, n).float()
             total += losses * weight
             counted += weight
-            results.append({"length": n, "label": label, "start": start, "seconds": time.time() - t0, "masked": masks is not None,
-                            "loss": ((losses * weight).sum() / weight.sum().clamp(min=1)).item()})
+            cell.append({"length": n, "label": label, "start": start, "seconds": time.time() - t0, "masked": masks is not None,
+                         "loss": ((losses * weight).sum() / weight.sum().clamp(min=1)).item()})
+        results += cell
         summary.append({"length": n, "label": label, "loss": (total.sum() / counted.sum().clamp(min=1)).item(),
                         "buckets": {name: (total[a:b].sum() / counted[a:b].sum().clamp(min=1)).item()
                                     for name, a, b in buckets(n, model.config.block_size)}})
-    return results, summary
+        if saved is not None:
+            saved(results, summary)
+    return results, summary, False
 
 
-def evaluate(args):
-    """Run one evaluation: {"settings", "summary", "results", "lengths", "depths"}; prints one line
-    naming the checkpoint, then progress bars. Raises ValueError or OSError, with a one-line
-    message, for what the user can fix."""
+def evaluate(args, save=None, stop=None):
+    """Run one evaluation: {"settings", "complete", "summary", "results"}, plus "lengths" and
+    "depths" for the reports; prints one line naming the checkpoint, then progress bars. save:
+    called with the evaluation so far ("complete": false) after each finished cell; stop: see
+    score_cells. With args.resume, the finished cells of args.out are kept. Raises ValueError or
+    OSError, with a one-line message, for what the user can fix."""
     device = pick_device(args.device)
     args.device = str(device)  # recorded in the results
     model, checkpoint = load_checkpoint(args.ckpt, device)
@@ -374,38 +361,65 @@ def evaluate(args):
     if dtype == "auto":  # bf16 is not available on every GPU (V100, T4: nanoGPT #84)
         dtype = "float32" if device.type != "cuda" else "bfloat16" if native_bf16() else "float16"
     ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    settings = dict({k: v for k, v in vars(args).items() if k != "resume"}, dtype=dtype, block_size=block_size,
+                    attention=model.config.attention, step=checkpoint.get("step"), lengths=lengths,
+                    ckpt_sha256=checkpoint_digest(args.ckpt))
+    done = finished_sweep(args.out, settings) if args.resume else None
+
+    def evaluation(results, summary, complete):
+        scored = [(label, n) for label, n in lengths if any(r["length"] == n for r in results)]
+        if args.task != "loss":
+            summary = accuracy_grid(results, scored, depths)
+        return {"settings": settings, "complete": complete, "summary": summary, "results": results,
+                "lengths": scored, "depths": depths}
+
+    def save_partial(results, summary=None):
+        if save is not None:
+            save(evaluation(results, summary, False))
+
     print(f"{args.ckpt}: {model.config.attention}, trained at {block_size} tokens, step {checkpoint.get('step')}; "
-          f"{device}, {dtype}, engine {args.engine}, attn block {args.attn_block}", flush=True)
+          f"{device}, {dtype}, engine {args.engine}, attn block {args.attn_block}"
+          + (f"; resuming {args.out}" if done else ""), flush=True)
     with torch.no_grad():
         if args.task == "loss":
-            results, summary = score_losses(model, lengths, files, sizes, args, device, ctx)
+            results, summary, stopped = score_losses(model, lengths, files, sizes, args, device, ctx, done,
+                                                     save_partial, stop)
         else:
-            results = score_cells(model, enc, cells, device, ctx, args.patience)
-            lengths = [(label, n) for label, n in lengths if any(r["length"] == n for r in results)]
-            summary = accuracy_grid(results, lengths, depths)
-    settings = dict(vars(args), dtype=dtype, block_size=block_size, attention=model.config.attention,
-                    step=checkpoint.get("step"), lengths=lengths)
-    return {"settings": settings, "summary": summary, "results": results, "lengths": lengths, "depths": depths}
+            results, stopped = score_cells(model, enc, cells, device, ctx, args.patience,
+                                           done["results"] if done else (), save_partial, stop)
+            summary = None
+    return evaluation(results, summary, not stopped)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        evaluation = evaluate(args)
-    except (OSError, ValueError) as e:  # expected failures: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = args.out
+
+    def save(evaluation):
+        save_json({k: evaluation[k] for k in ("settings", "complete", "summary", "results")}, out)
+
+    with StopSignals("after this prompt; its unfinished cell is dropped",
+                     f"the finished cells are in {out}") as stop:
+        try:
+            evaluation = evaluate(args, save, stop)
+        except (OSError, ValueError) as e:  # expected failures: one line, no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     settings, summary, results, lengths = (evaluation[k] for k in ("settings", "summary", "results", "lengths"))
     if args.task == "loss":
-        print_losses(summary, any(r["masked"] for r in results))
+        if summary:
+            print_losses(summary, any(r["masked"] for r in results))
     else:
         print_grid(summary, lengths, args.task)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
     try:
-        save_json({"settings": settings, "summary": summary, "results": results}, out)
+        save(evaluation)
     except OSError as e:
         print(f"error: cannot write {out}: {e.strerror or e}; the results are above", file=sys.stderr)
         return 2
+    if not evaluation["complete"]:
+        print(f"stopped by {signal.Signals(stop.signum).name}: the finished cells are in {out}; continue with "
+              f"the same command and --resume")
+        return 128 + stop.signum
     if args.task != "loss":
         save_heatmap(summary, lengths, evaluation["depths"], os.path.splitext(out)[0] + ".png",
                      f"{args.task}: {settings['attention']}, trained at {settings['block_size']} tokens")

@@ -9,6 +9,7 @@ Parser makes every script's errors one line: `error: <problem>; see python <scri
 import argparse
 import math
 import os
+import signal
 import sys
 import types
 from dataclasses import field, fields
@@ -32,6 +33,33 @@ def run_main(main):
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+
+
+class StopSignals:
+    """SIGTERM (how SLURM and Kubernetes preempt a job) or Ctrl-C asks a long run to stop at its
+    next safe point (`when`), where it checks .signum and stops cleanly: train.py after the step,
+    saving last.pt; eval_extrapolate.py after the prompt, with its finished cells on disk. A second
+    Ctrl-C stops at once; `at_once` says what that leaves."""
+
+    def __init__(self, when, at_once):
+        self.when, self.at_once = when, at_once
+
+    def __enter__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):  # os.write: print() could land inside tqdm's own write to stderr
+        if self.signum is not None and signum == signal.SIGINT:
+            os.write(2, f"\nstopped at once, {self.at_once}\n".encode())
+            raise SystemExit(130)
+        self.signum = signum
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping {self.when} (Ctrl-C again: at once, "
+                    f"{self.at_once.split(';')[0]})\n".encode())
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def param(default, help, interval=None, choices=None):

@@ -23,7 +23,7 @@ from attention import document_ids
 from data.loader import TokenLoader
 from data.shards import read_meta
 from model import GPT, GPTConfig, gpu_peak, load_checkpoint, native_bf16, save_checkpoint
-from settings import Parser, check, check_fields, fail, flag_type, param, pick_device, value_type
+from settings import Parser, StopSignals, check, check_fields, fail, flag_type, param, pick_device, value_type
 
 
 @dataclass
@@ -192,29 +192,6 @@ def resume_checkpoint(config, model_values, meta, device):
     return model, checkpoint
 
 
-class StopSignals:
-    """SIGTERM (how SLURM and Kubernetes preempt a job) or Ctrl-C asks the run to stop: it finishes
-    the step, saves last.pt and exits, so that --resume continues exactly. A second Ctrl-C stops
-    at once, without saving (the last checkpoint stays as it was)."""
-
-    def __enter__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):  # os.write: print() could land inside tqdm's own write to stderr
-        if self.signum is not None and signum == signal.SIGINT:
-            os.write(2, b"\nstopped at once, without saving; the last checkpoint is as it was\n")
-            raise SystemExit(130)
-        self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step (Ctrl-C again: at once, "
-                    f"without saving)\n".encode())
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -295,7 +272,7 @@ def main(argv=None):
     step_start = train_loader.state_dict()
     model.train()
     t0, loss_value = time.time(), float("nan")
-    with StopSignals() as stop, tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
+    with StopSignals("after this step", "without saving; the last checkpoint is as it was") as stop, tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
         while step < config.max_steps:
             if stop.signum:
                 save("last.pt")
