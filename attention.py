@@ -314,14 +314,19 @@ def flex_engine(q, k, v, score_mod, block_mask, return_lse=False, enable_gqa=Fal
     return _flex_compiled(q, k, v, **flex_args, kernel_options=options)
 
 
-def choose_engine(engine, plain, device, B, H, Tq, Tk):
+def choose_engine(engine, plain, device, B, H, Tq, Tk, inference=False):
     """'auto': on CUDA flash for plain NoPE (no SSMax, no documents), sdpa for one query
-    (decoding: no T x T term) and flex otherwise; elsewhere sdpa while the T x T bias is small,
-    chunked beyond that."""
+    (decoding: no T x T term) and flex otherwise. Elsewhere sdpa's flash kernel for plain NoPE; for
+    the others without autograd (inference) the chunked engine's inference tiles, with autograd
+    sdpa while the T x T bias is small and chunked beyond."""
     if engine != "auto":
         return engine
     if device.type == "cuda":
         return "sdpa" if plain or Tq == 1 else "flex"
+    if plain and Tq in (1, Tk):
+        return "sdpa"
+    if inference and Tq > 1:
+        return "chunked"
     return "sdpa" if B * H * Tq * Tk <= 2 ** 26 else "chunked"
 
 
@@ -334,7 +339,7 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
     """
     B, H, Tq, _ = q.shape
     plain = isinstance(variant, NoPE) and ssmax is None and doc is None
-    engine = choose_engine(engine, plain, q.device, B, H, Tq, k.shape[2])
+    engine = choose_engine(engine, plain, q.device, B, H, Tq, k.shape[2], not torch.is_grad_enabled())
     if engine == "flex":
         tables = {key: flex_capture(t) for key, t in tables.items()}
         ssmax = None if ssmax is None else flex_capture(ssmax)

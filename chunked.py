@@ -34,6 +34,16 @@ def allowed(b, q, kv, q_offset, doc):
     return mask
 
 
+def softmax_step(m, l, acc, logits, values):
+    """One key block of an online softmax: the running max m and sum l of exp(logits - m), and
+    acc = sum of exp(logits - m) values, updated with this block."""
+    m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
+    m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+    p = torch.exp(logits - m_safe)
+    correction = torch.exp(m - m_safe)
+    return m_new, l * correction + p.sum(dim=-1, keepdim=True), acc * correction + p @ values
+
+
 def chunked_attention(q, k, v, score_mod, doc, q_offset, block, return_lse=False):
     """Online softmax over (query block x key block) tiles, in float32 (float64 for float64
     inputs). Memory ~ B*H*block^2.
@@ -54,13 +64,7 @@ def chunked_attention(q, k, v, score_mod, doc, q_offset, block, return_lse=False
             s = score_mod(q_tile @ k[:, :, ks:ke].to(dtype).transpose(-1, -2), b, h, qi, ki)
             if doc is not None or ke - 1 > qs + q_offset:  # tiles wholly in the past need no mask
                 s = torch.where(allowed(b, qi, ki, q_offset, doc), s, float("-inf"))
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-            p = torch.exp(s - m_safe)
-            correction = torch.exp(m - m_safe)
-            l = l * correction + p.sum(dim=-1, keepdim=True)
-            acc = acc * correction + p @ v[:, :, ks:ke].to(dtype)
-            m = m_new
+            m, l, acc = softmax_step(m, l, acc, s, v[:, :, ks:ke].to(dtype))
         out.append(acc / l)
         lse.append((m + torch.log(l)).squeeze(-1))
     out = torch.cat(out, dim=2).to(q.dtype)
@@ -106,21 +110,30 @@ def toeplitz_attention(q, k, v, prior, scale, ssmax, doc, q_offset, block):
         if scale is None and c is None and doc is None:
             out.append(F.scaled_dot_product_attention(q_tile, keys, values, attn_mask=view(plain_bias)))
             continue
-        # written into one buffer: rows stay contiguous (the kernel would copy a bias whose layout
-        # follows the views'), and no tile allocates
-        bias = bias_buffer[:, :, :qe - qs, :n_keys - lo]
-        if c is None:
-            bias.copy_(view(ext)).add_(view(causal))
-        else:
-            torch.addcmul(view(causal), view(ext), c, out=bias)
-        if doc is not None:  # -inf where key and query lie in different documents
-            same = doc[:, q_offset + qs:q_offset + qe, None] == doc_flipped[:, None, Tk - n_keys:Tk - lo]
-            bias.masked_fill_(~same[:, None], float("-inf"))
+        if doc is not None:  # where key and query lie in the same document
+            same = (doc[:, q_offset + qs:q_offset + qe, None] == doc_flipped[:, None, Tk - n_keys:Tk - lo])[:, None]
+
+        def fill(bias, cols):  # the tile's bias f c (-inf where masked) on key columns `cols`, into `bias`
+            if c is None:
+                bias.copy_(view(ext)[..., cols]).add_(view(causal)[..., cols])
+            else:
+                torch.addcmul(view(causal)[..., cols], view(ext)[..., cols], c, out=bias)
+            return bias if doc is None else bias.masked_fill_(~same[..., cols], float("-inf"))
+
         if scale is None:  # (S + f) c = (q c).k / sqrt(D) + f c: c folded into q, f c the bias
-            q_tile = q_tile if c is None else q_tile * c
-            out.append(F.scaled_dot_product_attention(q_tile, keys, values, attn_mask=bias))
+            # written into one buffer: rows stay contiguous (the kernel would copy a bias whose
+            # layout follows the views'), and no tile allocates
+            bias = fill(bias_buffer[:, :, :qe - qs, :n_keys - lo], slice(None))
+            out.append(F.scaled_dot_product_attention(q_tile if c is None else q_tile * c, keys, values, attn_mask=bias))
             continue
-        s = (q_tile if c is None else q_tile * c) @ keys.transpose(-1, -2) / math.sqrt(D)  # c S
-        logits = s.mul_(view(ext_scale)).add_(bias)  # a c S + f c
-        out.append(torch.softmax(logits, dim=-1) @ values)
+        # a c S + f c: no kernel takes the product, so an online softmax over key blocks
+        q_tile = (q_tile if c is None else q_tile * c) / math.sqrt(D)
+        m = q.new_full((B, H, qe - qs, 1), float("-inf"))
+        l, acc = torch.zeros_like(m), q.new_zeros(B, H, qe - qs, D)
+        for ks in range(0, n_keys - lo, block):
+            cols = slice(ks, min(ks + block, n_keys - lo))
+            logits = (q_tile @ keys[:, :, cols].transpose(-1, -2)).mul_(view(ext_scale)[..., cols])
+            bias = fill(bias_buffer[:, :, :qe - qs, :cols.stop - ks], cols)
+            m, l, acc = softmax_step(m, l, acc, logits.add_(bias), values[:, :, cols])
+        out.append(acc / l)
     return torch.cat(out, dim=2)

@@ -92,13 +92,14 @@ def read_window(files, sizes, start, n):
 def resolve_engine(engine, config, length, device):
     """The engine attention.choose_engine will pick for one sequence of `length` tokens."""
     plain = config.attention == "nope" and not config.ssmax
-    return choose_engine(engine, plain, device, 1, config.n_head, length, length)
+    return choose_engine(engine, plain, device, 1, config.n_head, length, length, inference=True)
 
 
 def estimate_memory(model, length, engine, device, vocab_chunk=0):
     """Bytes a forward over one sequence needs: weights + O(T) activations + the engine's
-    attention term (sdpa: H x T x T bias, mask and weights; chunked: ~16 score tiles alive, as
-    measured; flex: O(T) and the block mask's O((T/128)^2) on CUDA, T x T in eager mode elsewhere) + chunked logits for the loss."""
+    attention term (sdpa: H x T x T bias, mask and weights; chunked: one H x block x T bias buffer
+    and its document mask, ~16 score tiles alive for a score that is not additive; flex: O(T) and
+    the block mask's O((T/128)^2) on CUDA, T x T in eager mode elsewhere) + chunked logits for the loss."""
     c = model.config
     weights = 4 * model.num_params()
     # residual stream, norms, qkv and its float32 copies, MLP (4C, twice) and the variant's tables
@@ -106,7 +107,8 @@ def estimate_memory(model, length, engine, device, vocab_chunk=0):
     engine = resolve_engine(engine, c, length, device)
     plain = c.attention == "nope" and not c.ssmax
     if engine == "chunked":
-        attention = 16 * 4 * c.n_head * min(c.attn_block, length) ** 2
+        block = min(c.attn_block, length)
+        attention = 5 * c.n_head * block * length + 16 * 4 * c.n_head * block ** 2
     elif engine == "sdpa" and plain:
         attention = 0
     elif engine == "flex" and device.type == "cuda":  # the block mask: int32 block lists, both ways
@@ -215,7 +217,7 @@ def parse_args(argv):
                    help="attention engine; auto = flex on CUDA, on CPU sdpa while the T x T bias is small "
                         "and chunked beyond (default: auto)")
     p.add_argument("--attn-block", type=flag_type(int, "[1, inf)"), default=512,
-                   help="tile size of the chunked engine; memory ~ 16 x heads x block^2 x 4 bytes (default: 512)")
+                   help="query tile of the chunked engine; memory ~ 5 x heads x block x length bytes (default: 512)")
     p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),
                    help="memory budget for the pre-run check (default: the device's free memory)")
     p.add_argument("--out", type=output_file, help="results JSON (default: eval_<task>.json next to the checkpoint; "

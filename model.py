@@ -230,7 +230,8 @@ class GPT(nn.Module):
         c = self.config
         tables = [p(n_keys, idx.device) for p in self.positional]
         plain = c.attention == "nope" and not c.ssmax and doc is None
-        engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys)
+        inference = not torch.is_grad_enabled()
+        engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys, inference)
         block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
         # prior_grad.py's exact route: on flex (auto, passes) and chunked (passes), when training
         exact = self.exact_prior_grad and cache is None and torch.is_grad_enabled() and (
@@ -240,7 +241,8 @@ class GPT(nn.Module):
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
         # the last layer's queries start at queries_from: its own engine (and block mask) for them
-        last = (choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys), None, queries_from)
+        last = (choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys, inference), None,
+                queries_from)
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
             engine_i, block_mask_i, queries_from_i = last if queries_from and i == len(self.blocks) - 1 else (

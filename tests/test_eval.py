@@ -215,9 +215,10 @@ def test_position_losses_stay_inside_documents_when_asked():
 
 
 def test_32k_forward_memory_is_bounded():
-    """32K tokens through the chunked engine: the T x T float scores alone would take
-    32768^2 x 4 bytes = 4.3 GB per head; the run must stay under 1.5 GB of peak RSS growth,
-    and under the script's own estimate. One layer: peak memory does not grow with depth."""
+    """32K tokens through the chunked engine, bam + SSMax (its bias is materialized per query tile):
+    the T x T float scores alone would take 32768^2 x 4 bytes = 4.3 GB per head; the run must stay
+    under 1.5 GB of peak RSS growth, and under the script's own estimate. One layer: peak memory
+    does not grow with depth."""
     code = f"""
 import random, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
@@ -226,7 +227,7 @@ import retrieval as R
 from model import GPT, GPTConfig
 from data.tokenizer import get_tokenizer
 torch.set_num_threads(1)
-model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=320, block_size=128, attention="alibi",
+model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=320, block_size=128, attention="bam",
                       engine="chunked", attn_block=256)).eval()
 sample = R.passkey_sample(get_tokenizer("bytes"), 32768, 0.0, 5, random.Random(0))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -246,8 +247,10 @@ print(len(sample["tokens"]) - 1, growth, E.estimate_memory(model, 32768, "chunke
 def test_memory_estimate_and_engine_choice():
     model = tiny_model()
     cpu = torch.device("cpu")
-    assert E.resolve_engine("auto", model.config, 1024, cpu) == "sdpa"
+    # evaluation needs no autograd: the chunked engine's inference tiles at every length, flash for plain NoPE
+    assert E.resolve_engine("auto", model.config, 1024, cpu) == "chunked"
     assert E.resolve_engine("auto", model.config, 65536, cpu) == "chunked"
+    assert E.resolve_engine("auto", tiny_model("nope").config, 65536, cpu) == "sdpa"
     sdpa, _ = E.estimate_memory(model, 65536, "sdpa", cpu)
     chunked, _ = E.estimate_memory(model, 65536, "chunked", cpu)
     assert sdpa > 2 * 65536 ** 2 * 4 > 2 ** 30 > chunked  # the T x T term, or a tile

@@ -1,0 +1,163 @@
+"""
+The CPU figures of the main job (./run.sh), side by side in one run, because CPU timings are noisy.
+
+  matmul  a float32 1024 x 1024 matmul: the machine's rate, the yardstick of the others
+  train   one AdamW training step, batch 16, of the main job's model (4 layers, 4 heads, 128 wide) for
+          every variant, at T = 128 (the main job) and 384, next to a nanoGPT-shaped model (learned
+          positions, LayerNorm and biases, plain causal attention) of the same size on the same data
+  long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
+          variant: before (chunked_attention, the tiles autograd uses, every layer's every query) and
+          now (the inference tiles, the last layer's queries from the answer on); seconds, and the
+          attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
+
+    python bench_cpu.py                       # everything, about 2 minutes on 2 cores
+    python bench_cpu.py --sections long --variants bam --out bench_cpu.json
+"""
+import math
+import statistics
+import time
+from unittest import mock
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attention
+from attention import VARIANTS
+from model import GPT, GPTConfig, save_json
+from settings import Parser, comma_list, flag_type, output_file, run_main
+
+SECTIONS = ("matmul", "train", "long")
+MAIN_JOB = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=320)  # train.py's defaults, as ./run.sh trains
+BATCH = 16
+
+
+def median_seconds(fn, warmup, runs):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops():
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    return 2 * 1024 ** 3 / median_seconds(lambda: a @ b, 5, 20) / 1e9
+
+
+class NanoGPTShaped(nn.Module):
+    """The model nanoGPT trains, at the main job's size: token + learned position embeddings,
+    LayerNorm with biases, biased linears, GELU MLP, causal sdpa, tied head. A yardstick only."""
+
+    def __init__(self, n_layer, n_head, n_embd, vocab_size, block_size):
+        super().__init__()
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(n_embd), qkv=nn.Linear(n_embd, 3 * n_embd), proj=nn.Linear(n_embd, n_embd),
+            ln_2=nn.LayerNorm(n_embd), fc=nn.Linear(n_embd, 4 * n_embd), fc_proj=nn.Linear(4 * n_embd, n_embd)))
+            for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T))
+        for b in self.blocks:
+            q, k, v = b.qkv(b.ln_1(x)).view(B, T, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+            x = x + b.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1))
+            x = x + b.fc_proj(F.gelu(b.fc(b.ln_2(x)), approximate="tanh"))
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def train_tokens_per_s(model, T, warmup, steps):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
+    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    def step():
+        _, loss = model(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return BATCH * T / median_seconds(step, warmup, steps)
+
+
+def train_section(args, results):
+    print(f"\n== train: batch {BATCH}, one AdamW step, fwd + bwd, median of {args.steps} after 2 warmup; "
+          f"tokens/s and the ratio to the nanoGPT-shaped model")
+    rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
+        ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))]
+    for T in (128, 384):
+        base = None
+        for name, overrides in rows:
+            torch.manual_seed(0)
+            model = (NanoGPTShaped(block_size=T, **MAIN_JOB) if overrides is None else
+                     GPT(GPTConfig(block_size=T, **MAIN_JOB, **({"attention": name} | overrides))))
+            tokens_per_s = train_tokens_per_s(model, T, 2, args.steps)
+            base = base or tokens_per_s
+            results["train"].append(dict(model=name, T=T, tokens_per_s=tokens_per_s, vs_nanogpt=tokens_per_s / base))
+            print(f"T={T:<4} {name:26} {tokens_per_s / 1e3:8.1f}K tok/s {tokens_per_s / base:6.2f}x", flush=True)
+
+
+def attention_flops(config, T, queries_in_last_layer):
+    """Matmul FLOPs of causal attention (q.k and p.v) over the queries a forward computes."""
+    def seen(first, last):  # keys seen by the queries first .. last - 1: sum of (i + 1)
+        return (last * (last + 1) - first * (first + 1)) // 2
+    per_key = 4 * config.n_embd  # 2 matmuls x 2 FLOPs x head size x heads
+    return per_key * ((config.n_layer - 1) * seen(0, T) + seen(T - queries_in_last_layer, T))
+
+
+def long_section(args, results, matmul):
+    T, answer = 64 * 128, 6  # the main job's 64x; logits at the last 6 positions, as a 5-digit key
+    print(f"\n== long: one 64x passkey-length prompt ({T} tokens), the main job's model, answer logits; "
+          f"seconds and attention GFLOP/s (fraction of the matmul's {matmul:.0f})")
+    print(f"{'variant':10} {'before s':>9} {'now s':>8} {'speedup':>8} {'GFLOP/s':>8} {'of matmul':>10}")
+    for v in args.variants:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(attention=v, block_size=128, engine="chunked", **MAIN_JOB)).eval()
+        idx, positions = torch.randint(MAIN_JOB["vocab_size"], (1, T)), torch.arange(T - answer, T)
+
+        def before():  # the tiles autograd uses, every query of every layer
+            with mock.patch.object(attention, "affine_tables", lambda *a: None):
+                model.lm_head(model.hidden_states(idx)[:, positions])
+
+        with torch.no_grad():
+            old = median_seconds(before, 0, 1)
+            now = median_seconds(lambda: model(idx, logits_at=positions), 1, 3)
+        gflops = attention_flops(model.config, T, answer) / now / 1e9
+        results["long"].append(dict(variant=v, tokens=T, seconds_before=old, seconds=now, attention_gflops=gflops,
+                                    of_matmul=gflops / matmul))
+        print(f"{v:10} {old:9.2f} {now:8.2f} {old / now:7.1f}x {gflops:8.0f} {gflops / matmul:10.2f}", flush=True)
+
+
+def main(argv=None):
+    p = Parser(prog="bench_cpu.py", description=__doc__)
+    p.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
+                   help="comma list of sections: matmul, train, long (default all; long and train print the matmul rate too)")
+    p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
+                   help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10, help="timed training steps per row (default 10)")
+    p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
+    args = p.parse_args(argv)
+    matmul = matmul_gflops()
+    results = {"threads": torch.get_num_threads(), "matmul_gflops": matmul, "train": [], "long": []}
+    print(f"== matmul: float32 1024 x 1024, {torch.get_num_threads()} threads: {matmul:.0f} GFLOP/s")
+    if "train" in args.sections:
+        train_section(args, results)
+    if "long" in args.sections:
+        long_section(args, results, matmul)
+    results["matmul_gflops_after"] = matmul_gflops()  # the machine may have changed pace during the run
+    print(f"\nmatmul again at the end: {results['matmul_gflops_after']:.0f} GFLOP/s")
+    if args.out:
+        save_json(results, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
