@@ -13,10 +13,11 @@ function only indexes those tables. The same function then runs in three engines
     sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
              additive bias for additive variants, explicit logits for the others (scaleinv)
     flex     FlexAttention with a causal (+ document) block mask; fused and compiled on CUDA
-    chunked  plain PyTorch online softmax over query x key tiles; any device, memory ~ tile size
+    chunked  tiles on any device, memory linear in T (chunked.py): with autograd an online softmax
+             over query x key tiles; without, one fused sdpa call per query tile on a view of the tables
 
 SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards.
-The formulas are those of ../shared/docs/papers.md (copied into the README).
+The formulas are those of the README's "The variants" section.
 
 Adding a prior: write a module whose forward(n, device) returns {"prior": H x n tensor of
 b_h(t)} and register it in VARIANTS; `prior_score` below does the rest.
@@ -116,6 +117,7 @@ class ScaleInvariant(nn.Module):
     a_t = sqrt(2 log(t/tau + 1) + 1), m_t = -2 log(t/tau + 1)   (papers.md; a_0 = 1, m_0 = 0)
     """
     additive = False
+    affine = True  # score(s) = a_t s + m_t: the engines may build a and m once per call
 
     def __init__(self, config):
         super().__init__()
@@ -166,12 +168,11 @@ def distance_table(variant, tables, n_head, n, device, s=0.0):
 
 def affine_tables(variant, tables, n_head, n, device):
     """(f, a) with score(s) = a[h, t] s + f[h, t] (a None for an additive variant), or None for a
-    score that is not affine in s, checked at s = 2."""
+    variant that does not say its score is affine in s (class attribute `affine`)."""
+    if not variant.additive and not getattr(variant, "affine", False):
+        return None
     f = distance_table(variant, tables, n_head, n, device)
-    if variant.additive:
-        return f, None
-    a = distance_table(variant, tables, n_head, n, device, 1.0) - f
-    return (f, a) if torch.allclose(distance_table(variant, tables, n_head, n, device, 2.0), f + 2 * a) else None
+    return f, None if variant.additive else distance_table(variant, tables, n_head, n, device, 1.0) - f
 
 
 def make_score_mod(variant, tables, ssmax, q_offset):
@@ -193,7 +194,7 @@ def document_ids(idx, eot):
 # ----------------------------------------------------------------------------------------
 # engines
 
-def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
+def sdpa_attention(q, k, v, variant, tables, score_mod, ssmax, doc, q_offset):
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     plain = isinstance(variant, NoPE) and ssmax is None and doc is None
@@ -205,13 +206,24 @@ def sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset):
     mask = allowed(b, qi, ki, q_offset, doc)
     if variant.additive:
         # (S + f) * c = (q * c).k / sqrt(d) + f * c: fold the row factor c into q, pass f * c
-        bias = score_mod(torch.zeros((), device=q.device), b, h, qi, ki)
-        bias = torch.where(mask, bias, float("-inf")).to(q.dtype)
         if ssmax is not None:
             q = q * ssmax[..., None].to(q.dtype)
+        if not tables and doc is None and Tq == Tk:  # no prior: f c = 0, flash's causal mask (SSMax is in q)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if not tables:  # a constant mask: a bias that needs no gradient keeps sdpa on its fused kernel
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(mask, 0.0, float("-inf")).to(q.dtype))
+        bias = score_mod(torch.zeros((), device=q.device), b, h, qi, ki)
+        bias = torch.where(mask, bias, float("-inf")).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
-    s = torch.where(mask, score_mod(s, b, h, qi, ki), float("-inf"))
+    affine = affine_tables(variant, tables, H, Tk, q.device)
+    if affine is None:  # any score: through the score function on the grids
+        s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(D)
+        s = torch.where(mask, score_mod(s, b, h, qi, ki), float("-inf"))
+    else:  # c (a S + f) = a (c S) + c f: one fused pass over the B x H x T x T logits; a, f c without the batch
+        c = None if ssmax is None else ssmax[:1 if doc is None else B, :, :, None].float()
+        s = ((q.float() if c is None else q.float() * c) / math.sqrt(D)) @ k.float().transpose(-1, -2)
+        f, a = (x.float()[h, distance(qi + q_offset, ki)] for x in affine)
+        s = torch.addcmul(torch.where(mask, f if c is None else f * c, float("-inf")), a, s)
     return (torch.softmax(s, dim=-1) @ v.float()).to(q.dtype)
 
 
@@ -345,7 +357,7 @@ def attend(q, k, v, variant, tables, ssmax=None, doc=None, q_offset=0, engine="a
         ssmax = None if ssmax is None else flex_capture(ssmax)
     score_mod = make_score_mod(variant, tables, ssmax, q_offset)
     if engine == "sdpa":
-        return sdpa_attention(q, k, v, variant, score_mod, ssmax, doc, q_offset)
+        return sdpa_attention(q, k, v, variant, tables, score_mod, ssmax, doc, q_offset)
     if engine == "chunked":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, ssmax, *tables.values()))

@@ -4,7 +4,8 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
   matmul  a float32 1024 x 1024 matmul: the machine's rate, the yardstick of the others
   train   one AdamW training step, batch 16, of the main job's model (4 layers, 4 heads, 128 wide) for
           every variant, at T = 128 (the main job) and 384, next to a nanoGPT-shaped model (learned
-          positions, LayerNorm and biases, plain causal attention) of the same size on the same data
+          positions, LayerNorm and biases, plain causal attention) of the same size on the same data,
+          and to NoPE with SSMax and NoPE without the previous-token path (what those cost)
   long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
           variant: before (chunked_attention, the tiles autograd uses, every layer's every query) and
           now (the inference tiles, the last layer's queries from the answer on); seconds, and the
@@ -75,32 +76,39 @@ class NanoGPTShaped(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def train_tokens_per_s(model, T, warmup, steps):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
-    x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return BATCH * T / median_seconds(step, warmup, steps)
-
-
 def train_section(args, results):
-    print(f"\n== train: batch {BATCH}, one AdamW step, fwd + bwd, median of {args.steps} after 2 warmup; "
-          f"tokens/s and the ratio to the nanoGPT-shaped model")
+    """Every model's step timed in turn, round after round, so that they share the machine's drift."""
+    print(f"\n== train: batch {BATCH}, one AdamW step (fwd + bwd + update), {args.steps} rounds of one step per "
+          f"model in turn after 2 warmup; median tokens/s and the ratio to the nanoGPT-shaped model")
     rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
+        ("nope + SSMax", dict(attention="nope", ssmax=True)),
         ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))]
     for T in (128, 384):
-        base = None
+        data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
+        x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+        steps = []
         for name, overrides in rows:
             torch.manual_seed(0)
             model = (NanoGPTShaped(block_size=T, **MAIN_JOB) if overrides is None else
                      GPT(GPTConfig(block_size=T, **MAIN_JOB, **({"attention": name} | overrides))))
-            tokens_per_s = train_tokens_per_s(model, T, 2, args.steps)
-            base = base or tokens_per_s
+            steps.append((model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)))
+
+        def step(model, optimizer):
+            _, loss = model(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        times = [[] for _ in rows]
+        for round in range(2 + args.steps):
+            for i, (model, optimizer) in enumerate(steps):
+                t0 = time.perf_counter()
+                step(model, optimizer)
+                if round >= 2:
+                    times[i].append(time.perf_counter() - t0)
+        base = BATCH * T / statistics.median(times[0])
+        for (name, _), seconds in zip(rows, times):
+            tokens_per_s = BATCH * T / statistics.median(seconds)
             results["train"].append(dict(model=name, T=T, tokens_per_s=tokens_per_s, vs_nanogpt=tokens_per_s / base))
             print(f"T={T:<4} {name:26} {tokens_per_s / 1e3:8.1f}K tok/s {tokens_per_s / base:6.2f}x", flush=True)
 
@@ -142,7 +150,8 @@ def main(argv=None):
                    help="comma list of sections: matmul, train, long (default all; long and train print the matmul rate too)")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
-    p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10, help="timed training steps per row (default 10)")
+    p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10,
+                   help="train: timed rounds, one step of every model each (default 10)")
     p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     args = p.parse_args(argv)
     matmul = matmul_gflops()

@@ -296,3 +296,31 @@ def test_inference_tiles_equal_float64_reference(name, use_ssmax, use_doc, monke
         err = (got - want).abs().max().item()
         assert err < 1e-10, f"{name} T={T} block={block} q_offset={q_offset}: max error {err}"
     assert len(calls) == 6
+
+
+def test_a_score_that_is_not_affine_in_s_runs_through_the_score_function():
+    """A non-additive variant that does not declare `affine` (here a soft-capped logit) takes the
+    generic paths, score function on the grids, in every engine, and equals the float64 formula."""
+    import torch.nn as nn
+    from attention import distance
+
+    class SoftCap(nn.Module):
+        additive = False
+
+        def __init__(self, config):
+            super().__init__()
+
+        def forward(self, n, device):
+            return {"slope": torch.full((n,), 0.1, device=device)}
+
+        @staticmethod
+        def score(s, b, h, q, kv, tables):
+            return 5 * torch.tanh(s / 5) - tables["slope"][distance(q, kv)] * distance(q, kv)
+
+    var = SoftCap(None)
+    _, q, k, v, _, doc = random_case("nope", 130, False, True)
+    want = reference_attention(q, k, v, lambda S, h, i, j: 5 * torch.tanh(S / 5) - 0.1 * (i - j).clamp(min=0), doc)
+    for engine in ENGINES:
+        with torch.no_grad():
+            got = attend(q, k, v, var, var(130, "cpu"), doc=doc, engine=engine, block=48)
+        assert (got.double() - want).abs().max() < 2e-5, engine
