@@ -15,6 +15,7 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import eval_extrapolate as E
+import memory as M
 import retrieval as R
 from data.shards import write_meta, write_shard
 from data.tokenizer import get_tokenizer
@@ -223,6 +224,7 @@ def test_32k_forward_memory_is_bounded():
 import random, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
 import eval_extrapolate as E
+import memory as M
 import retrieval as R
 from model import GPT, GPTConfig
 from data.tokenizer import get_tokenizer
@@ -234,7 +236,7 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with torch.no_grad():
     R.answer_logits(model, sample)
 growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
-print(len(sample["tokens"]) - 1, growth, E.estimate_memory(model, 32768, "chunked", torch.device("cpu"))[0])
+print(len(sample["tokens"]) - 1, growth, M.estimate_memory(model, 32768, "chunked", torch.device("cpu"))[0])
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
@@ -248,11 +250,11 @@ def test_memory_estimate_and_engine_choice():
     model = tiny_model()
     cpu = torch.device("cpu")
     # evaluation needs no autograd: the chunked engine's inference tiles at every length, flash for plain NoPE
-    assert E.resolve_engine("auto", model.config, 1024, cpu) == "chunked"
-    assert E.resolve_engine("auto", model.config, 65536, cpu) == "chunked"
-    assert E.resolve_engine("auto", tiny_model("nope").config, 65536, cpu) == "sdpa"
-    sdpa, _ = E.estimate_memory(model, 65536, "sdpa", cpu)
-    chunked, _ = E.estimate_memory(model, 65536, "chunked", cpu)
+    assert M.resolve_engine("auto", model.config, 1024, cpu) == "chunked"
+    assert M.resolve_engine("auto", model.config, 65536, cpu) == "chunked"
+    assert M.resolve_engine("auto", tiny_model("nope").config, 65536, cpu) == "sdpa"
+    sdpa, _ = M.estimate_memory(model, 65536, "sdpa", cpu)
+    chunked, _ = M.estimate_memory(model, 65536, "chunked", cpu)
     assert sdpa > 2 * 65536 ** 2 * 4 > 2 ** 30 > chunked  # the T x T term, or a tile
 
 
@@ -261,12 +263,12 @@ def test_memory_check_refuses_sdpa_where_chunked_fits():
     heads) and the chunked engine's tiles do: sdpa is refused with the advice to use chunked, and
     chunked passes the same check."""
     model, cpu = tiny_model(), torch.device("cpu")
-    need = {engine: E.estimate_memory(model, 4096, engine, cpu)[0] for engine in ("sdpa", "chunked")}
+    need = {engine: M.estimate_memory(model, 4096, engine, cpu)[0] for engine in ("sdpa", "chunked")}
     assert need["chunked"] < 0.1 * 2 ** 30 < 3 * 4 * 2 * 4096 ** 2 < need["sdpa"]
     lengths = [("32x", 4096)]
     with pytest.raises(ValueError, match="needs about 0.4 GB with the sdpa engine, 0.1 GB available; use --engine chunked"):
-        E.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="sdpa"), cpu)
-    E.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="chunked"), cpu)
+        M.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="sdpa"), cpu)
+    M.check_memory(model, lengths, argparse.Namespace(max_memory_gb=0.1, task="passkey", engine="chunked"), cpu)
 
 
 def test_memory_check_counts_the_loaded_weights_once(monkeypatch):
@@ -274,13 +276,13 @@ def test_memory_check_counts_the_loaded_weights_once(monkeypatch):
     memory by less than the weights fits; one that exceeds it by more does not."""
     model = tiny_model(n_embd=256, vocab_size=8192)  # weights dominate the estimate at this length
     cpu, args = torch.device("cpu"), argparse.Namespace(max_memory_gb=None, task="passkey", engine="auto")
-    need, _ = E.estimate_memory(model, 1024, "auto", cpu)
+    need, _ = M.estimate_memory(model, 1024, "auto", cpu)
     weights = 4 * model.num_params()
-    monkeypatch.setattr(E, "available_memory", lambda device: need - weights // 2)
-    E.check_memory(model, [("8x", 1024)], args, cpu)
-    monkeypatch.setattr(E, "available_memory", lambda device: need - 2 * weights)
+    monkeypatch.setattr(M, "available_memory", lambda device: need - weights // 2)
+    M.check_memory(model, [("8x", 1024)], args, cpu)
+    monkeypatch.setattr(M, "available_memory", lambda device: need - 2 * weights)
     with pytest.raises(ValueError, match="length 8x .* needs about"):
-        E.check_memory(model, [("8x", 1024)], args, cpu)
+        M.check_memory(model, [("8x", 1024)], args, cpu)
 
 # -----------------------------------------------------------------------------
 # bad input
