@@ -11,10 +11,9 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
           now (the inference tiles, the last layer's queries from the answer on); seconds, and the
           attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
 
-    python bench_cpu.py                       # everything, about 2 minutes on 2 cores
+    python bench_cpu.py                       # everything, about a minute on 2 cores
     python bench_cpu.py --sections long --variants bam --out bench_cpu.json
 """
-import math
 import statistics
 import time
 from unittest import mock

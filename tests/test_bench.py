@@ -97,3 +97,18 @@ def test_a_failing_cell_leaves_the_other_rows_and_the_json(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         bench.main(argv)
     assert len(json.loads(out.read_text())["attention"]) == 2
+
+
+def test_bench_cpu_counts_the_attention_it_runs(tmp_path):
+    """bench_cpu.py's attention FLOPs: causal q.k and p.v over the queries computed (all of them in
+    every layer but the last, the last `queries` there); and its matmul-only run writes the JSON."""
+    import bench_cpu
+    from model import GPTConfig
+    config = GPTConfig(n_layer=3, n_head=2, n_embd=16)
+    T, queries = 10, 4
+    per_key = 2 * 2 * (16 // 2) * 2  # two matmuls, multiply-add, head size, heads
+    want = per_key * (2 * sum(i + 1 for i in range(T)) + sum(i + 1 for i in range(T - queries, T)))
+    assert bench_cpu.attention_flops(config, T, queries) == want
+    assert bench_cpu.main(["--sections", "matmul", "--out", str(tmp_path / "cpu.json")]) == 0
+    saved = json.loads((tmp_path / "cpu.json").read_text())
+    assert saved["matmul_gflops"] > 0 and saved["train"] == [] and saved["long"] == []
