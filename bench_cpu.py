@@ -12,6 +12,7 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
           attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
 
     python bench_cpu.py                       # everything, about a minute on 2 cores
+    python bench_cpu.py --sections train --compile   # training with every model compiled, as nanoGPT does
     python bench_cpu.py --sections long --variants bam --out bench_cpu.json
 """
 import statistics
@@ -78,10 +79,12 @@ class NanoGPTShaped(nn.Module):
 def train_section(args, results):
     """Every model's step timed in turn, round after round, so that they share the machine's drift."""
     print(f"\n== train: batch {BATCH}, one AdamW step (fwd + bwd + update), {args.steps} rounds of one step per "
-          f"model in turn after 2 warmup; median tokens/s and the ratio to the nanoGPT-shaped model")
+          f"model in turn after 2 warmup{', every model torch.compiled' if args.compile else ''}; median tokens/s "
+          f"and the ratio to the nanoGPT-shaped model")
     rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
         ("nope + SSMax", dict(attention="nope", ssmax=True)),
         ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))]
+    torch._dynamo.config.recompile_limit = 64  # every model is another specialization of the same forward
     for T in (128, 384):
         data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
         x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
@@ -90,7 +93,8 @@ def train_section(args, results):
             torch.manual_seed(0)
             model = (NanoGPTShaped(block_size=T, **MAIN_JOB) if overrides is None else
                      GPT(GPTConfig(block_size=T, **MAIN_JOB, **({"attention": name} | overrides))))
-            steps.append((model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+            steps.append((torch.compile(model) if args.compile else model, optimizer))
 
         def step(model, optimizer):
             _, loss = model(x, y)
@@ -151,10 +155,13 @@ def main(argv=None):
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10,
                    help="train: timed rounds, one step of every model each (default 10)")
+    p.add_argument("--compile", action="store_true",
+                   help="train: torch.compile every model, the nanoGPT-shaped one too (nanoGPT's default; needs a C++ "
+                        "compiler, and about 10-20 s per model on 2 cores)")
     p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     args = p.parse_args(argv)
     matmul = matmul_gflops()
-    results = {"threads": torch.get_num_threads(), "matmul_gflops": matmul, "train": [], "long": []}
+    results = {"threads": torch.get_num_threads(), "compile": args.compile, "matmul_gflops": matmul, "train": [], "long": []}
     print(f"== matmul: float32 1024 x 1024, {torch.get_num_threads()} threads: {matmul:.0f} GFLOP/s")
     if "train" in args.sections:
         train_section(args, results)
