@@ -240,15 +240,14 @@ class GPT(nn.Module):
                        for p in self.positional]
         x = self.wte(idx)
         x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
-        # the last layer's queries start at queries_from: its own engine (and block mask) for them
-        last = (choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys, inference), None,
-                queries_from)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             j = i % len(self.positional)
-            engine_i, block_mask_i, queries_from_i = last if queries_from and i == len(self.blocks) - 1 else (
-                engine, block_mask, 0)
-            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine_i, block_mask_i,
-                      derivatives[j], queries_from_i)
+            if i == last and queries_from:  # its queries start at queries_from: their own engine and block mask
+                engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys, inference)
+                block_mask = None
+            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask,
+                      derivatives[j], queries_from if i == last else 0)
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):
