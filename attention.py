@@ -1,14 +1,22 @@
 """
 Positional variants and the engines that run them.
 
-A positional variant is a score function with FlexAttention's score_mod signature,
+The prior contract. A positional variant (a prior) is any nn.Module with
 
-    score(s, b, h, q, kv, tables) -> s'        s = q.k / sqrt(d), q and kv absolute positions
+    forward(n, device) -> tables       a dict of tensors over the distance t = 0..n-1, made from its
+                                       parameters (differentiable: gradients reach them through it)
+    score(s, b, h, q, kv, tables)      FlexAttention's score_mod signature plus the tables: the logit
+                                       of query position q, key position kv, from s = q.k / sqrt(d)
+    additive                           True when score = s + f(h, t): sdpa passes f as a bias
+    affine (optional)                  True when score = a(h, t) s + f(h, t): the inference tiles
+                                       build a and f once per call
 
-Learnable parameters never sit inside it: each variant's forward(n, device) first builds
-`tables` over the distance t = q - kv from its parameters (differentiable, so gradients reach
-them through the tables; prior_grad.py has a faster exact route for flex), and the score
-function only indexes those tables. The same function then runs in three engines:
+The score may depend on s, the head h and the distance t = q - kv only: not on the batch row b, the
+content, or an absolute position. Every engine relies on it (sdpa and chunked build one bias for the
+whole batch, the inference tiles one table row per distance), and GPT refuses, when it is built, a
+variant that breaks it (contract_problem). The model leaves a prior alone: its parameters keep the
+init its class gives them and never get weight decay, and `prior_per_layer` gives every layer its
+own. The same function runs in three engines:
 
     sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
              additive bias for additive variants, explicit logits for the others (scaleinv)
@@ -16,11 +24,12 @@ function only indexes those tables. The same function then runs in three engines
     chunked  tiles on any device, memory linear in T (chunked.py): with autograd an online softmax
              over query x key tiles; without, one fused sdpa call per query tile on a view of the tables
 
-SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards.
-The formulas are those of the README's "The variants" section.
+SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards: a factor per
+query row, made in the attention layer, not in the variant. The formulas are those of the README's
+"The variants" section.
 
 Adding a prior: write a module whose forward(n, device) returns {"prior": H x n tensor of
-b_h(t)} and register it in VARIANTS; `prior_score` below does the rest.
+b_h(t)} with `score = staticmethod(prior_score)`, and register it in VARIANTS (README, "Adding a prior").
 """
 import math
 import warnings
@@ -39,7 +48,7 @@ if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 6):
 
 def distance(q, kv):
     # t = i - j, clamped at 0: score functions are also evaluated on masked (future) entries,
-    # and a negative table index there is an illegal memory access on CUDA (design.md)
+    # and a negative table index there is an illegal memory access on CUDA
     return (q - kv).clamp(min=0)
 
 
@@ -114,7 +123,8 @@ class BAM(nn.Module):
 class ScaleInvariant(nn.Module):
     """Scale-invariant attention: L = a_t * S + m_t, nothing trained.
 
-    a_t = sqrt(2 log(t/tau + 1) + 1), m_t = -2 log(t/tau + 1)   (papers.md; a_0 = 1, m_0 = 0)
+    a_t = sqrt(2 log(t/tau + 1) + 1), m_t = -2 log(t/tau + 1)   (the scale-invariant attention
+    paper's p-RoPE + scale-invariant logits; README, "The variants"; a_0 = 1, m_0 = 0)
     """
     additive = False
     affine = True  # score(s) = a_t s + m_t: the engines may build a and m once per call
@@ -135,6 +145,29 @@ class ScaleInvariant(nn.Module):
 
 VARIANTS = {"nope": NoPE, "alibi": ALiBi, "bam": BAM, "scaleinv": ScaleInvariant}
 ENGINES = ("auto", "sdpa", "flex", "chunked")
+
+
+def contract_problem(variant, n_head, n=8):
+    """How the variant breaks the prior contract (module docstring), or None: its score is probed on
+    random logits at (batch row 0, queries q, keys kv) and at (row 1, q + n, kv + n), the same
+    distances elsewhere, and must agree. A score that reads the batch row or an absolute position
+    (content, gates, progressive interpolation) would be right on flex and silently wrong on sdpa and
+    chunked, which share one bias over the batch and one table row per distance."""
+    q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    h = torch.arange(n_head)[:, None, None]
+    s = torch.randn(n_head, n, n, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            tables = variant(2 * n, torch.device("cpu"))
+            here = variant.score(s, torch.tensor(0), h, q, kv, tables)
+            elsewhere = variant.score(s, torch.tensor(1), h, q + n, kv + n, tables)
+    except (IndexError, RuntimeError) as e:
+        return f"its score failed at batch row 1 or at positions {n}..{2 * n - 1} ({str(e).splitlines()[0]})"
+    causal = (q >= kv).expand(n_head, n, n)
+    here, elsewhere = torch.as_tensor(here).expand(n_head, n, n), torch.as_tensor(elsewhere).expand(n_head, n, n)
+    if not torch.allclose(here[causal], elsewhere[causal], rtol=1e-5, atol=1e-6):
+        return "its score changes with the batch row or the absolute position, not only with the distance"
+    return None
 
 
 # ----------------------------------------------------------------------------------------

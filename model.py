@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, fitted_rope_fraction, flex_block_mask,
-                       positions_in_document, rotary_frequencies, ssmax_factor)
+from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, contract_problem, fitted_rope_fraction,
+                       flex_block_mask, positions_in_document, rotary_frequencies, ssmax_factor)
 from prior_grad import attend_exact, derivative_tables, prior_repeats, route_problem
 from settings import check_fields, param
 
@@ -42,7 +42,7 @@ class GPTConfig:
                                         "default: those whose wavelength fits in block_size", "[0, 1]")
     rope_base: float = param(10000.0, "rotary base", "(0, inf)")
     scaleinv_tau: float = param(10.0, "scale-invariant attention's tau", "(0, inf)")
-    bam_per_layer: bool = param(False, "one BAM prior per layer instead of one shared by all layers")
+    prior_per_layer: bool = param(False, "one positional prior per layer instead of one shared by all layers")
     prev_tokens: int = param(3, "previous-token path: each embedding mixes in this many embeddings before it (0: off)",
                              "[0, inf)")
     key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
@@ -169,16 +169,21 @@ class GPT(nn.Module):
         self.ln_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
-        # one positional variant shared by all layers (BAM's "global prior"), or one per layer
-        n_variants = config.n_layer if config.bam_per_layer and config.attention == "bam" else 1
-        self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_variants)])
-        self.exact_prior_grad = config.prior_grad != "table" and self.prior_route_ok()
-        # the parameters whose derivative is the prior itself share its pass (prior_grad.prior_repeats)
-        self.prior_repeats = prior_repeats(self.positional[0], config.n_head) if self.exact_prior_grad else ()
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        # the positional prior, built after the init above so that it keeps its own: one shared by all
+        # layers (BAM's "global prior"), or one per layer
+        n_priors = config.n_layer if config.prior_per_layer else 1
+        self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_priors)])
+        problem = contract_problem(self.positional[0], config.n_head)
+        if problem:
+            raise ValueError(f"attention {config.attention!r} breaks the prior contract: {problem} (README, "
+                             f"\"Adding a prior\": a score may depend on the logit, the head and the distance only)")
+        self.exact_prior_grad = config.prior_grad != "table" and self.prior_route_ok()
+        # the parameters whose derivative is the prior itself share its pass (prior_grad.prior_repeats)
+        self.prior_repeats = prior_repeats(self.positional[0], config.n_head) if self.exact_prior_grad else ()
 
     def prior_route_ok(self):
         """Whether prior_grad.py's exact route can give the trained positional parameters and the
@@ -272,14 +277,17 @@ class GPT(nn.Module):
         return [{} for _ in self.blocks]
 
     def param_groups(self, weight_decay, decay_embeddings=True):
-        """AdamW groups: decay weight matrices only. Norms, positional-prior and SSMax
-        parameters (all 1-D) never decay; the (tied) embedding decays if decay_embeddings."""
+        """AdamW groups: decay weight matrices only. Norms and SSMax scales (1-D) and every parameter
+        of the positional prior (whatever its shape) never decay; the (tied) embedding decays if
+        decay_embeddings."""
+        prior = {id(p) for p in self.positional.parameters()}
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             is_embedding = name == "wte.weight"
-            (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+            decayed = p.dim() >= 2 and id(p) not in prior and (decay_embeddings or not is_embedding)
+            (decay if decayed else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     @torch.no_grad()
@@ -350,17 +358,26 @@ def save_json(value, path):
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
 
 
+def upgraded_config(saved):
+    """A checkpoint's model config in today's fields: checkpoints from before the previous-token path
+    trained without it, and `bam_per_layer` (per-layer priors for bam only) became `prior_per_layer`."""
+    saved = {"prev_tokens": 0, "key_offset": False} | saved
+    if "bam_per_layer" in saved:
+        saved["prior_per_layer"] = saved.pop("bam_per_layer") and saved.get("attention") == "bam"
+    return saved
+
+
 def load_checkpoint(path, device="cpu"):
     """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with python train.py --out-dir ...")
     try:
         checkpoint = torch.load(path, map_location=device, weights_only=True)
-        known = {f.name for f in fields(GPTConfig)}
-        unknown = set(checkpoint["model_config"]) - known
+        checkpoint["model_config"] = upgraded_config(checkpoint["model_config"])
+        unknown = set(checkpoint["model_config"]) - {f.name for f in fields(GPTConfig)}
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
-        model = GPT(GPTConfig(**{"prev_tokens": 0, "key_offset": False} | checkpoint["model_config"]))  # older checkpoints
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

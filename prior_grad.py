@@ -3,7 +3,7 @@ Exact gradients for a learned positional prior and the SSMax scale, without flex
 
 FlexAttention sums the gradient of a tensor that its score_mod reads (a prior's table, the SSMax
 factor) with an atomic add per score element: inside a compiled GPT-2 124M step on an H100 that
-made BAM+SSMax 3.7x slower than the same kernel with the table detached (design.md). Yet a prior
+made BAM+SSMax 3.7x slower than the same kernel with the table detached (README, "Engines"). Yet a prior
 has a few parameters per head. Here attention runs with detached tables and the SSMax factor
 folded into q, and the parameters get their exact gradient from one more attention pass, run
 forward only, for all of them at once.
@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from attention import distance, flex_block_mask, flex_capture, flex_engine, make_score_mod
+from attention import contract_problem, distance, flex_block_mask, flex_capture, flex_engine, make_score_mod
 from chunked import chunked_attention
 
 
@@ -83,14 +83,10 @@ def route_problem(variant, n_head):
     must be S + f(h, t), and each parameter one value per head that moves only that head's prior."""
     if not variant.additive:
         return "its score is not additive (S + f(h, t))"
+    problem = contract_problem(variant, n_head)
+    if problem:
+        return problem
     n = 8
-    tables = variant(n, "cpu")
-    f = prior_table(variant, tables, n_head, n)
-    if f is not None:
-        q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
-        at_q_kv = variant.score(0.0, 0, torch.arange(n_head)[:, None, None], q, kv, tables)
-        if not torch.equal(torch.where(q >= kv, at_q_kv, 0), torch.where(q >= kv, f[:, distance(q, kv)], 0)):
-            return "its score depends on more than the head and the distance"
     for name, p in variant.named_parameters():
         if p.shape != (n_head,):
             return f"its parameter {name} has shape {tuple(p.shape)}, not one value per head"

@@ -210,7 +210,10 @@ def main(argv=None):
         raw_model, checkpoint = resume_checkpoint(config, model_values, meta, device)
     else:
         vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
-        raw_model, checkpoint = GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
+        try:
+            raw_model, checkpoint = GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
+        except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
+            fail(str(e))
     block_size = raw_model.config.block_size
     try:
         train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)

@@ -240,7 +240,7 @@ def test_compiled_flex_on_cuda_matches_chunked():
 
 
 def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
-    """The README's 'Adding a prior' example runs in every engine and trains."""
+    """A per-head Cauchy prior (README, "Adding a prior"): one module, one registry line; every engine, trains."""
     import torch.nn as nn
     from attention import prior_score
 

@@ -130,7 +130,7 @@ def test_bad_grids_fail_before_training(setup, tmp_path, capsys):
 
 def test_inspector_names_each_heads_class_and_the_ssmax_scales(tmp_path, capsys):
     config = GPTConfig(n_layer=2, n_head=5, n_embd=40, vocab_size=320, block_size=64, attention="bam",
-                       ssmax=True, bam_per_layer=True)
+                       ssmax=True, prior_per_layer=True)
     model = GPT(config)
     betas = torch.tensor([0.5, 0.0, -0.3, -0.55, -1.0])  # local, then retrieval x 3, then aggressive retrieval
     with torch.no_grad():

@@ -88,7 +88,7 @@ def test_attention_depends_on_relative_position_only(name, rope):
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_kv_cache_generation_equals_full_recomputation(name):
-    model = tiny(name, bam_per_layer=True)
+    model = tiny(name, prior_per_layer=True)
     prompt = torch.randint(1, 64, (2, 9))
     cached = model.generate(prompt, 15, temperature=0, use_cache=True)
     full = model.generate(prompt, 15, temperature=0, use_cache=False)
@@ -129,7 +129,7 @@ def test_tiny_model_overfits_a_fixed_batch(name):
 
 def test_bam_prior_and_ssmax_receive_gradients():
     for per_layer in (False, True):
-        model = tiny("bam", bam_per_layer=per_layer).train()
+        model = tiny("bam", prior_per_layer=per_layer).train()
         idx = torch.randint(1, 64, (2, 17))
         _, loss = model(idx[:, :-1], idx[:, 1:], doc=document_ids(idx[:, :-1], EOT))
         loss.backward()
@@ -141,7 +141,7 @@ def test_bam_prior_and_ssmax_receive_gradients():
 
 
 def test_param_groups_never_decay_priors_norms_or_ssmax():
-    model = tiny("bam", bam_per_layer=True)
+    model = tiny("bam", prior_per_layer=True)
     decay, no_decay = model.param_groups(0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -199,6 +199,20 @@ def test_the_p_rope_choice_is_stored_and_older_checkpoints_keep_theirs(tmp_path)
     save_checkpoint({"model": model.state_dict(), "model_config": old}, path)
     loaded = load_checkpoint(path)[0]
     assert loaded.config.rope_fraction == 0.75 and int((loaded.blocks[0].attn.inv_freq > 0).sum()) == 6
+
+
+@pytest.mark.parametrize("name", ["bam", "alibi"])
+def test_checkpoints_with_bam_per_layer_load_as_prior_per_layer(name, tmp_path):
+    """Before every variant could have a prior per layer, the field was bam_per_layer (bam only)."""
+    model = tiny(name, prior_per_layer=name == "bam")
+    old = dataclasses.asdict(model.config)
+    old["bam_per_layer"] = old.pop("prior_per_layer") or name == "alibi"  # alibi ignored it: one prior
+    path = str(tmp_path / "old.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": old}, path)
+    loaded, checkpoint = load_checkpoint(path)
+    assert loaded.config.prior_per_layer == (name == "bam") and len(loaded.positional) == len(model.positional)
+    assert "bam_per_layer" not in checkpoint["model_config"]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def test_runs_far_past_block_size():

@@ -146,7 +146,7 @@ def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
     grads = []
     for engine in ("chunked", "sdpa"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(attention="bam", bam_per_layer=True, n_layer=3, n_head=H, n_embd=H * D,
+        model = GPT(GPTConfig(attention="bam", prior_per_layer=True, n_layer=3, n_head=H, n_embd=H * D,
                               vocab_size=64, engine=engine, attn_block=64, prior_grad="passes")).double()
         with torch.no_grad():
             for i, prior in enumerate(model.positional):
