@@ -8,7 +8,7 @@ import torch
 from data.synthetic import (CITIES, NIAH_NEEDLE, NIAH_QUESTION, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_PREFIX,
                             PASSKEY_QUESTION)
 
-# the passkey prompt, exactly as in docs/papers.md (Mohtashami & Jaggi 2023; BAM's evaluator)
+# the passkey prompt, exactly as Mohtashami & Jaggi (2023) wrote it and BAM's evaluator uses it
 PREFIX = PASSKEY_PREFIX
 FILLER = " ".join(PASSKEY_FILLER)  # "The grass is green. ... There and back again." = one filler unit
 NEEDLE, QUESTION = PASSKEY_NEEDLE, PASSKEY_QUESTION
@@ -87,7 +87,7 @@ def passkey_sample(enc, length, depth, digits, rng, prefix_digits=0):
 def niah_sample(enc, length, depth, n_needles, haystack, rng):
     """Needle k goes at depth (depth + k / n) wrapped into [0, 1], so the first needle is at the
     requested depth and the others evenly spread; each is asked about in the same order. No
-    instruction prefix: papers.md gives one for passkey only, and the needles need the room."""
+    instruction prefix: the papers give one for passkey only, and the needles need the room."""
     cities = rng.sample(CITIES, n_needles)
     numbers = [str(rng.randint(10 ** 6, 10 ** 7 - 1)) for _ in cities]
     depths = [d - 1 if d > 1 else d for d in (depth + k / n_needles for k in range(n_needles))]
@@ -111,7 +111,7 @@ def answer_logits(model, sample, device="cpu"):
 
 def judge(logits, sample, enc):
     """Per answer: correct iff the argmax equals the answer token at every answer position
-    (papers.md: the same as greedy decoding producing the key)."""
+    (as BAM's evaluator scores it: the same as greedy decoding producing the key)."""
     predicted, results, i = logits.argmax(dim=-1).tolist(), [], 0
     for a, b in sample["answers"]:
         guess, truth = predicted[i:i + b - a], sample["tokens"][a:b].tolist()

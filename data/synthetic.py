@@ -1,9 +1,9 @@
 """The embedded default dataset: passkey documents in the evaluation's own format.
 
-Each document is the passkey prompt of docs/papers.md at a short length: the instruction, 1 to
-6 filler sentences (the evaluation's cycle), the needle "The pass key is <key>. Remember it.
-<key> is the pass key." at a random sentence boundary, then the question and the key, with a
-random 3-7 digit key. The key after the question is marked as the answer: prepare.py trains on
+Each document is the passkey prompt of Mohtashami & Jaggi (2023), as BAM evaluates it, at a
+short length: the instruction, 1 to 6 filler sentences (the evaluation's cycle), the needle
+"The pass key is <key>. Remember it. <key> is the pass key." at a random sentence boundary,
+then the question and the key, with a random 3-7 digit key. The key after the question is marked as the answer: prepare.py trains on
 the answers only. Measured (README, "Retrieval"): a 4-layer model learns to retrieve from such
 short documents in a few hundred steps, and the skill holds far beyond the training length;
 with the loss on every token, with longer filler, or with other kinds of documents mixed in, it
@@ -18,7 +18,8 @@ PASSKEY_FILLER = ["The grass is green.", "The sky is blue.", "The sun is yellow.
                   "There and back again."]
 PASSKEY_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                   "memorize them. I will quiz you about the important information there.")
-# the evaluations' needles and questions (docs/papers.md); eval_extrapolate.py builds its prompts from these
+# the evaluations' needles and questions (Mohtashami & Jaggi's, as BAM evaluates them);
+# eval_extrapolate.py builds its prompts from these
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 NIAH_NEEDLE = "The special magic {city} number is {number}."

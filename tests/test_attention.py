@@ -1,4 +1,5 @@
-"""Positional variants against papers.md in float64, and the three engines against each other."""
+"""Positional variants against their papers' formulas (README, "The variants") in float64, and the
+three engines against each other."""
 import math
 
 import pytest
@@ -16,10 +17,10 @@ def variant(name, n_head=4, **overrides):
     return VARIANTS[name](GPTConfig(attention=name, n_head=n_head, n_embd=16 * n_head, **overrides))
 
 
-# ---------------------------------------------------------------- formulas (papers.md), float64
+# ---------------------------------------------------------------- formulas (README, "The variants"), float64
 
 def reference_logit(name, S, h, i, j, H, n_i=None, alpha=None, beta=None, s_h=None, tau=10.0):
-    """papers.md's logit in float64, for query i and key j <= i; scalars or broadcastable tensors
+    """The papers' logit in float64, for query i and key j <= i; scalars or broadcastable tensors
     (alpha, beta and s_h per head). Written from the paper, sharing nothing with attention.py."""
     S, h, t = (torch.as_tensor(x, dtype=torch.float64) for x in (S, h, i - j))
     t = t.clamp(min=0)  # the causal part; the caller masks j > i
@@ -130,8 +131,8 @@ SSMAX_SCALE = [1.2, 0.8]  # s_h of the random cases' two heads
 
 
 def papers_logits(name, var, use_ssmax, doc):
-    """logits(S, h, i, j) of one variant from papers.md, with var's learned parameters and, if
-    use_ssmax, SSMax's s_h log n_i, n_i counted here: the keys query i sees in its document."""
+    """logits(S, h, i, j) of one variant from its paper (README, "The variants"), with var's learned
+    parameters and, if use_ssmax, SSMax's s_h log n_i, n_i counted here: the keys query i sees in its document."""
     params = {}
     if name == "bam":
         params = dict(alpha=var.theta_alpha.detach().double().view(1, -1, 1, 1),

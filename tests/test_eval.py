@@ -22,7 +22,7 @@ from data.tokenizer import get_tokenizer
 from model import GPT, GPTConfig, save_checkpoint
 
 ENC = get_tokenizer("bytes")  # one token per byte: token positions are character positions (+1 for the EOT)
-# docs/papers.md, verbatim
+# the passkey prompt of Mohtashami & Jaggi (2023) as BAM's evaluator writes it, verbatim
 PAPERS_PREFIX = ("There is an important info hidden inside a lot of irrelevant text. Find it and "
                  "memorize them. I will quiz you about the important information there.")
 PAPERS_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
