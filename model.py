@@ -69,10 +69,35 @@ class GPTConfig:
             self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)
 
 
+@dataclass
+class KVCache:
+    """What decoding keeps between forwards (GPT.generate): per layer the keys and values so far (at
+    their true positions: rotary applied) and the last token's key half (CausalSelfAttention.offset_keys),
+    the last prev_tokens embeddings (GPT.mix_previous), and how many tokens are cached, which is
+    the position of the next one."""
+    keys: list
+    values: list
+    last_key_half: list
+    past_embeddings: torch.Tensor | None = None
+    length: int = 0
+
+    @classmethod
+    def empty(cls, n_layer):
+        return cls([None] * n_layer, [None] * n_layer, [None] * n_layer)
+
+    def extend(self, layer, k, v):
+        """This forward's keys and values appended to the layer's; returns all of them."""
+        if self.keys[layer] is not None:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.config = config
+        self.layer = layer  # its slot in a KVCache
         self.n_head = config.n_head
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
@@ -93,16 +118,14 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
             q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
-        past = 0 if cache is None or cache.get("k") is None else cache["k"].shape[2]
+        past = 0 if cache is None else cache.length
         if self.config.key_offset:
-            k = self.offset_keys(k, doc, cache)
+            k = self.offset_keys(k, doc, cache, self.layer)
         if self.config.rope != "none":
             positions = torch.arange(past, past + T, device=x.device)
             q, k = apply_rotary(q, positions, self.inv_freq), apply_rotary(k, positions, self.inv_freq)
         if cache is not None:
-            if past:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            k, v = cache.extend(self.layer, k, v)
         q, q_offset = q[:, :, queries_from:], past + queries_from
         ssmax = ssmax_factor(self.ssmax_scale, B, q.shape[2], q_offset, doc) if self.config.ssmax else None
         if derivatives is None:
@@ -113,17 +136,17 @@ class CausalSelfAttention(nn.Module):
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, q.shape[2], C)))
 
     @staticmethod
-    def offset_keys(k, doc, cache):
+    def offset_keys(k, doc, cache, layer):
         """The second half of each head's key dimensions taken from the previous token (a partial
         key offset, as in modded-nanogpt): key j then says what came before j, so a query can
         find "the token after the one like me" by plain similarity, the induction pattern that
         retrieval needs. Nothing crosses a document boundary; with a KV cache the first new
         token takes the last cached token's."""
         half = k.size(-1) // 2
-        last = cache.get("last_key_half") if cache is not None else None
+        last = cache.last_key_half[layer] if cache is not None else None
         previous = torch.cat([torch.zeros_like(k[:, :, :1, half:]) if last is None else last, k[:, :, :-1, half:]], dim=2)
         if cache is not None:
-            cache["last_key_half"] = k[:, :, -1:, half:]
+            cache.last_key_half[layer] = k[:, :, -1:, half:]
         if doc is not None:
             previous = previous * (positions_in_document(doc)[:, -k.size(2):] > 0)[:, None, :, None]
         return torch.cat([k[..., :half], previous], dim=-1)
@@ -141,10 +164,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer):
         super().__init__()
         self.ln_1 = nn.RMSNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -165,7 +188,7 @@ class GPT(nn.Module):
             weight = torch.zeros(config.prev_tokens + 1, config.n_embd)  # (K + 1, C)
             weight[0] = 1  # w_0 = 1, w_k = 0: at init each token is its plain embedding
             self.prev_weight = nn.Parameter(weight)
-        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.ln_f = nn.RMSNorm(config.n_embd)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied embeddings
@@ -213,10 +236,10 @@ class GPT(nn.Module):
         (README, "Retrieval"). Nothing crosses a document boundary; with a KV cache the first new
         tokens mix with the last cached ones."""
         K, (B, T, C) = self.config.prev_tokens, x.shape
-        past = cache[0].get("past_embeddings") if cache is not None else None
+        past = cache.past_embeddings if cache is not None else None
         padded = torch.cat([x.new_zeros(B, K, C) if past is None else past, x], dim=1)
         if cache is not None:
-            cache[0]["past_embeddings"] = padded[:, -K:]
+            cache.past_embeddings = padded[:, -K:]
         position = positions_in_document(doc).unsqueeze(-1) if doc is not None else None
         out = x * self.prev_weight[0]
         for k in range(1, K + 1):
@@ -226,10 +249,10 @@ class GPT(nn.Module):
 
     def hidden_states(self, idx, doc=None, cache=None, queries_from=0):
         """Final-norm hidden states (B, T - queries_from, C). doc: (B, T) document ids for document
-        masking; cache: a list of per-layer dicts from new_cache(), extended in place; queries_from:
+        masking; cache: a KVCache from new_cache(), extended in place; queries_from:
         the first position whose state is needed (the last layer computes no query before it)."""
         B, T = idx.shape
-        n_keys = T + (cache[0]["k"].shape[2] if cache is not None and cache[0].get("k") is not None else 0)
+        n_keys = T + (cache.length if cache is not None else 0)
         # everything the layers share is made once per forward, outside the layer loop: the
         # positional tables, the engine, and flex's block mask (so torch.compile sees one graph)
         c = self.config
@@ -251,8 +274,10 @@ class GPT(nn.Module):
             if i == last and queries_from:  # its queries start at queries_from: their own engine and block mask
                 engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys, inference)
                 block_mask = None
-            x = block(x, self.positional[j], tables[j], doc, None if cache is None else cache[i], engine, block_mask,
+            x = block(x, self.positional[j], tables[j], doc, cache, engine, block_mask,
                       derivatives[j], queries_from if i == last else 0)
+        if cache is not None:
+            cache.length = n_keys
         return self.ln_f(x)
 
     def forward(self, idx, targets=None, doc=None, logits_at=None, cache=None):
@@ -274,7 +299,7 @@ class GPT(nn.Module):
         return self.lm_head(x), None
 
     def new_cache(self):
-        return [{} for _ in self.blocks]
+        return KVCache.empty(len(self.blocks))
 
     def param_groups(self, weight_decay, decay_embeddings=True):
         """AdamW groups: decay weight matrices only. Norms and SSMax scales (1-D) and every parameter
