@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from attention import document_ids
-from data.loader import TokenLoader
+from data.shards import TokenLoader
 from data.shards import read_meta
 from model import GPT, GPTConfig, gpu_peak, load_checkpoint, native_bf16, save_checkpoint
 from settings import Parser, StopSignals, check, check_fields, fail, flag_type, param, pick_device, value_type

@@ -13,8 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 from data import prepare
-from data.loader import TokenLoader
-from data.shards import (HEADER_BYTES, ShardWriter, load_tokens, read_header, read_meta,
+from data.shards import (HEADER_BYTES, ShardWriter, TokenLoader, load_tokens, read_header, read_meta,
                          tokenizer_from_meta, write_meta, write_shard)
 from data.synthetic import PASSKEY_FILLER, PASSKEY_PREFIX, generate_documents, text_of
 from data.tokenizer import get_tokenizer
