@@ -39,9 +39,10 @@ import torch
 
 import selfcheck
 from attention import VARIANTS, attend, choose_engine, ssmax_factor
-from model import GPT, GPTConfig, gpu_peak, native_bf16, save_json
+from model import GPT, GPTConfig, save_json
 from prior_grad import attend_exact, derivative_tables, prior_repeats
-from settings import Parser, comma_list, flag_type, output_file, pick_device, run_main
+from settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
+                      run_main)
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
@@ -110,10 +111,6 @@ def fmt(r, key, spec, suffix=""):
 def sync(device):
     if device.type in ("cuda", "mps"):  # kernels run asynchronously there: wait before reading the clock
         getattr(torch, device.type).synchronize()
-
-
-def autocast(device, dtype):
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def timed(fn, device, warmup, runs):
@@ -308,7 +305,7 @@ def long_section(args, results):
 def quick(args, results):
     """--quick (module docstring): one PASS/FAIL table; returns the number of failed rows."""
     cuda = args.device.type == "cuda"
-    dtype = torch.bfloat16 if cuda and native_bf16() else torch.float32
+    dtype = pick_dtype("auto", args.device, training=True)
     print(f"\n== quick: flex against sdpa ({str(dtype)[6:]}, head size 64, T = 130 and 1000), then one "
           f"{'compiled ' if args.compile else ''}training step each ({'GPT-2 124M' if cuda else 'tiny'} shape)")
     print(selfcheck.row("check", "variant", "setting", "detail", "result"))
@@ -373,8 +370,8 @@ def main(argv=None):
     args.device = pick_device(args.device)
     cuda = args.device.type == "cuda"
     args.shape = TINY if args.tiny or args.quick and not cuda else FULL
-    args.dtype = args.dtype or (("bfloat16" if native_bf16() else "float16") if cuda else "float32")
-    args.torch_dtype = getattr(torch, args.dtype)
+    args.torch_dtype = pick_dtype(args.dtype or "auto", args.device)
+    args.dtype = str(args.torch_dtype).removeprefix("torch.")
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = (1 if args.tiny else 10) if args.warmup is None else args.warmup
     args.steps = args.steps or (2 if args.tiny else 20)

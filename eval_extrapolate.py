@@ -18,7 +18,6 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -29,9 +28,9 @@ from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, toke
 from data.synthetic import CITIES
 from attention import document_ids
 from memory import check_memory
-from model import load_checkpoint, native_bf16, save_json
+from model import load_checkpoint, save_json
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
-from settings import Parser, StopSignals, flag_type, output_file, pick_device, run_main
+from settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
 from sweep import accuracy_grid, checkpoint_digest, finished_sweep, print_grid, print_losses, save_heatmap
 
 # -----------------------------------------------------------------------------
@@ -298,10 +297,8 @@ def evaluate(args, save=None, stop=None):
     else:
         cells = build_cells(model, enc, lengths, depths, args)
     check_memory(model, lengths, args, device)
-    dtype = args.dtype
-    if dtype == "auto":  # bf16 is not available on every GPU (V100, T4: nanoGPT #84)
-        dtype = "float32" if device.type != "cuda" else "bfloat16" if native_bf16() else "float16"
-    ctx = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    torch_dtype = pick_dtype(args.dtype, device)
+    ctx, dtype = autocast(device, torch_dtype), str(torch_dtype).removeprefix("torch.")
     settings = dict({k: v for k, v in vars(args).items() if k != "resume"}, dtype=dtype, block_size=block_size,
                     attention=model.config.attention, step=checkpoint.get("step"), lengths=lengths,
                     ckpt_sha256=checkpoint_digest(args.ckpt))

@@ -4,6 +4,8 @@ anything, from an estimate per engine of what one forward over one sequence need
 """
 import os
 
+import torch
+
 from attention import FLEX_BLOCK, choose_engine
 
 

@@ -338,25 +338,6 @@ class GPT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------
-# MFU: bf16 dense tensor-core peaks in TFLOP/s; the first key found in the device's name wins
-
-GPU_PEAKS = (("H200", "H200", 989), ("H100 PCIe", "H100 PCIe", 756), ("H100 NVL", "H100 NVL", 835),
-             ("H100", "H100 SXM", 989), ("A100", "A100", 312))
-
-
-def native_bf16():
-    """True on GPUs that compute bfloat16 natively (compute capability 8.0+). Not
-    torch.cuda.is_bf16_supported(): it also says yes where bf16 is emulated (T4, V100), and flex
-    cannot run bf16 there."""
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-
-
-def gpu_peak(device_name):
-    """(label, TFLOP/s) of a known GPU from its name, else (None, None)."""
-    return next(((label, tflops) for key, label, tflops in GPU_PEAKS if key in device_name), (None, None))
-
-
-# ----------------------------------------------------------------------------------------
 # checkpoints: plain tensors and dicts, written atomically, loaded with weights_only=True
 
 def atomic_write(path, write):

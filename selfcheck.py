@@ -19,9 +19,9 @@ import time
 import torch
 
 from attention import VARIANTS, attend, ssmax_factor
-from model import GPT, GPTConfig, native_bf16
+from model import GPT, GPTConfig
 from prior_grad import attend_exact, derivative_tables, prior_repeats
-from settings import Parser, comma_list, pick_device, run_main
+from settings import Parser, autocast, comma_list, native_bf16, pick_device, run_main
 
 LENGTHS = (1, 130, 1000)
 CHECKS = ("engines", "decode", "compile", "64K")
@@ -103,18 +103,18 @@ def compile_case(name, device, dtype):
     doc = (x % 97 == 0).cumsum(dim=1)  # a few documents per row
     explained = torch._dynamo.explain(model)(x, x, doc=doc)
     torch._dynamo.reset()
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    mixed = autocast(device, dtype)
     compiled = torch.compile(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for m in (model, compiled):
-        with autocast:
+        with mixed:
             losses.append(m(x, x, doc=doc)[1])
     losses[1].backward()
     optimizer.step()
     loss_diff = abs(losses[1].item() - losses[0].item()) / abs(losses[0].item())
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), mixed:
         for T in (300, 1000, 1500, 2222, 3000, 4096):
             compiled(torch.randint(512, (1, T), device=device))
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames
@@ -125,7 +125,7 @@ def long_case(device, dtype):
     """(seconds, peak GB) of one bam forward at 64K tokens, GPT-2 124M shape, flex."""
     model = GPT(GPTConfig(attention="bam", n_layer=12, n_head=12, n_embd=768, vocab_size=50304)).to(device).eval()
     idx = torch.randint(50304, (1, 65536), device=device)
-    with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+    with torch.no_grad(), autocast(device, dtype):
         model(idx)  # compiles
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -182,3 +182,44 @@ def pick_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         fail("--device mps was asked for but MPS is not available; use --device cpu")
     return device
+
+
+# ----------------------------------------------------------------------------------------
+# the dtype policy of every script, and GPU peaks for MFU
+
+def native_bf16():
+    """True on GPUs that compute bfloat16 natively (compute capability 8.0+). Not
+    torch.cuda.is_bf16_supported(): it also says yes where bf16 is emulated (T4, V100), and flex
+    cannot run bf16 there."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def pick_dtype(name, device, training=False):
+    """The autocast dtype for --dtype `name` (auto | float32 | bfloat16 | float16) on `device`. auto:
+    bfloat16 on GPUs that compute it natively; on older GPUs float16 to evaluate (V100, T4: nanoGPT
+    #84) and float32 to train (float16 would need a gradient scaler); float32 off CUDA."""
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        if cuda and native_bf16():
+            return torch.bfloat16
+        if cuda and training:
+            print("note: this GPU has no native bfloat16; training in float32")
+        return torch.float16 if cuda and not training else torch.float32
+    if name == "bfloat16" and cuda and not native_bf16():
+        fail("this GPU does not compute bfloat16 natively; use --dtype float32" + ("" if training else " or float16"))
+    return getattr(torch, name)
+
+
+def autocast(device, dtype):
+    """torch.autocast to dtype on device's type; nothing for float32."""
+    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+# bf16 dense tensor-core peaks in TFLOP/s; the first key found in the device's name wins
+GPU_PEAKS = (("H200", "H200", 989), ("H100 PCIe", "H100 PCIe", 756), ("H100 NVL", "H100 NVL", 835),
+             ("H100", "H100 SXM", 989), ("A100", "A100", 312))
+
+
+def gpu_peak(device_name):
+    """(label, TFLOP/s) of a known GPU from its name, else (None, None)."""
+    return next(((label, tflops) for key, label, tflops in GPU_PEAKS if key in device_name), (None, None))

@@ -22,8 +22,9 @@ from tqdm import tqdm
 from attention import document_ids
 from data.shards import TokenLoader
 from data.shards import read_meta
-from model import GPT, GPTConfig, gpu_peak, load_checkpoint, native_bf16, save_checkpoint
-from settings import Parser, StopSignals, check, check_fields, fail, flag_type, param, pick_device, value_type
+from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_device,
+                      pick_dtype, value_type)
 
 
 @dataclass
@@ -121,17 +122,6 @@ def parse_config(argv):
 # ----------------------------------------------------------------------------------------
 # device, schedule, evaluation
 
-def pick_dtype(name, device):
-    bf16_ok = device.startswith("cuda") and native_bf16()
-    if name == "auto":
-        if device.startswith("cuda") and not bf16_ok:
-            print("note: this GPU has no bfloat16; training in float32")
-        return torch.bfloat16 if bf16_ok else torch.float32
-    if name == "bfloat16" and device.startswith("cuda") and not bf16_ok:
-        fail("this GPU does not support bfloat16; use --dtype float32")
-    return getattr(torch, name)
-
-
 def learning_rate(step, config):
     """Linear warmup, then cosine decay to min_lr_ratio * lr over lr_decay_steps."""
     decay_steps = config.lr_decay_steps or config.max_steps
@@ -148,13 +138,13 @@ def peak_flops(device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, batches, device, autocast, eot, doc_mask):
+def evaluate(model, loader, batches, device, mixed, eot, doc_mask):
     model.eval()
     loader.reset()
     losses = []
     for _ in range(batches):
         x, y = (torch.from_numpy(a).to(device) for a in loader.next_batch())
-        with autocast:
+        with mixed:
             _, loss = model(x, y, doc=document_ids(x, eot) if doc_mask else None)
         losses.append(loss.item())
     model.train()
@@ -197,7 +187,7 @@ def resume_checkpoint(config, model_values, meta, device):
 def main(argv=None):
     config, model_values = parse_config(argv)
     device = str(pick_device(config.device))  # "cpu", "cuda", "cuda:1", "mps"
-    dtype = pick_dtype(config.dtype, device)
+    dtype = pick_dtype(config.dtype, device, training=True)
     use_compile = config.compile if config.compile is not None else device.startswith("cuda")
     try:
         meta = read_meta(config.data)
@@ -240,7 +230,7 @@ def main(argv=None):
             return
         print(f"resuming from {config.out_dir}/last.pt at step {step}")
     model = torch.compile(raw_model) if use_compile else raw_model
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32)
+    mixed = autocast(device, dtype)
 
     try:
         os.makedirs(config.out_dir, exist_ok=True)
@@ -284,7 +274,7 @@ def main(argv=None):
                       f"(continue with --resume)")
                 sys.exit(128 + stop.signum)
             if step % config.eval_interval == 0 and step > 0:
-                val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
+                val_loss = evaluate(model, val_loader, config.eval_batches, device, mixed, eot, config.doc_mask)
                 write_log({"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}: val loss {val_loss:.4f}")
                 if val_loss < best_val:
@@ -301,7 +291,7 @@ def main(argv=None):
             step_loss = 0.0
             for (x, y), count in zip(batches, counts):
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                with autocast:
+                with mixed:
                     _, loss = model(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
                 loss = loss * (count / max(1, sum(counts)))
                 loss.backward()
@@ -326,7 +316,7 @@ def main(argv=None):
             if step % config.log_interval == 0:
                 write_log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt})
         bar.close()
-        val_loss = evaluate(model, val_loader, config.eval_batches, device, autocast, eot, config.doc_mask)
+        val_loss = evaluate(model, val_loader, config.eval_batches, device, mixed, eot, config.doc_mask)
         write_log({"step": step, "val_loss": val_loss})
         if val_loss < best_val:
             best_val = val_loss

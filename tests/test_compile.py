@@ -12,6 +12,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 import attention
 import model as model_module
 import selfcheck
+import settings
 from attention import VARIANTS, attend, document_ids, flex_kernel_options
 from model import GPT, GPTConfig
 
@@ -186,7 +187,7 @@ def test_bf16_only_where_native(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for capability, native in (((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
-        assert model_module.native_bf16() is native
+        assert settings.native_bf16() is native
 
 
 def test_qk_norm_keeps_the_dtype_of_v(monkeypatch):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 import eval_extrapolate
@@ -13,6 +14,7 @@ import sample
 import selfcheck
 import train
 from data import prepare
+import settings
 from settings import check, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,3 +156,17 @@ def test_ctrl_c_in_a_script_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         run_main(interrupted)
     assert e.value.code == 130 and capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_one_dtype_policy_for_training_and_evaluation(monkeypatch, capsys):
+    assert settings.pick_dtype("auto", "cpu") is settings.pick_dtype("auto", "cpu", training=True) is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, train_dtype, eval_dtype in (((9, 0), torch.bfloat16, torch.bfloat16),
+                                                ((7, 0), torch.float32, torch.float16)):  # V100: no native bf16
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert settings.pick_dtype("auto", "cuda", training=True) is train_dtype
+        assert settings.pick_dtype("auto", "cuda") is eval_dtype
+        assert settings.pick_dtype("float32", "cuda") is torch.float32
+    with pytest.raises(SystemExit):  # bf16 asked for where it is emulated
+        settings.pick_dtype("bfloat16", "cuda", training=True)
+    assert "use --dtype float32" in capsys.readouterr().err
