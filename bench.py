@@ -39,7 +39,8 @@ import torch
 
 import selfcheck
 from attention import VARIANTS, attend, choose_engine, ssmax_factor
-from model import GPT, GPTConfig, save_json
+from checkpoint import save_json
+from model import GPT, GPTConfig
 from prior_grad import attend_exact, derivative_tables, prior_repeats
 from settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
                       run_main)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import attention
 from attention import VARIANTS
-from model import GPT, GPTConfig, save_json
+from checkpoint import save_json
+from model import GPT, GPTConfig
 from settings import Parser, comma_list, flag_type, output_file, run_main
 
 SECTIONS = ("matmul", "train", "long")

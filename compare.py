@@ -33,7 +33,7 @@ import torch
 import eval_extrapolate
 import train
 from data.shards import read_meta, tokenizer_from_meta
-from model import save_json
+from checkpoint import save_json
 from retrieval import passkey_sample
 from settings import Parser, comma_list, fail, flag_type, run_main
 

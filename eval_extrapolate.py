@@ -28,7 +28,7 @@ from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, toke
 from data.synthetic import CITIES
 from attention import document_ids
 from memory import check_memory
-from model import load_checkpoint, save_json
+from checkpoint import load_checkpoint, save_json
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
 from settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
 from sweep import accuracy_grid, checkpoint_digest, finished_sweep, print_grid, print_losses, save_heatmap

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from settings import Parser, flag_type, output_file, run_main
 
 

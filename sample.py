@@ -6,7 +6,7 @@ Generate text from a trained checkpoint (with the KV cache), in the tokenizer it
 import torch
 
 from data.shards import tokenizer_from_meta
-from model import load_checkpoint
+from checkpoint import load_checkpoint
 from settings import Parser, fail, flag_type, pick_device, run_main
 
 

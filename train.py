@@ -22,7 +22,8 @@ from tqdm import tqdm
 from attention import document_ids
 from data.shards import TokenLoader
 from data.shards import read_meta
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_device,
                       pick_dtype, value_type)
 

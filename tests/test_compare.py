@@ -12,7 +12,8 @@ import compare
 import inspect_prior
 import train
 from data import prepare
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 TINY = 'n_layer = 1\nn_head = 2\nn_embd = 32\nbatch_size = 4\neval_batches = 2\nwarmup_steps = 2\n'
 

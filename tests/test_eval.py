@@ -19,7 +19,8 @@ import memory as M
 import retrieval as R
 from data.shards import write_meta, write_shard
 from data.tokenizer import get_tokenizer
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 ENC = get_tokenizer("bytes")  # one token per byte: token positions are character positions (+1 for the EOT)
 # the passkey prompt of Mohtashami & Jaggi (2023) as BAM's evaluator writes it, verbatim

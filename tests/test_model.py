@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attention import VARIANTS, document_ids, rotary_frequencies
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig
 
 EOT = 0
 

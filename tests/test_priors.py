@@ -11,7 +11,8 @@ import torch.nn as nn
 
 import train
 from attention import VARIANTS, document_ids, prior_score
-from model import GPT, GPTConfig, load_checkpoint
+from checkpoint import load_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layer=3, n_head=2, n_embd=32, vocab_size=64, block_size=32)

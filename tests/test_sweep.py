@@ -13,7 +13,8 @@ import torch
 
 import eval_extrapolate as E
 from data.shards import write_meta, write_shard
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 META = {"tokenizer": "bytes", "vocab_size": 257, "eot_token": 256}

@@ -15,7 +15,8 @@ import sample
 import train
 from data import prepare
 from data.shards import tokenizer_from_meta
-from model import GPT, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "64", "--batch-size", "4",
