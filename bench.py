@@ -38,9 +38,9 @@ import time
 import torch
 
 import selfcheck
-from attention import VARIANTS, attend, choose_engine, ssmax_factor
+from attention import VARIANTS, AttentionArgs, choose_engine, plain_attention, ssmax_factor
 from checkpoint import save_json
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, attend
 from prior_grad import attend_exact, derivative_tables, prior_repeats
 from settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
                       run_main)
@@ -165,7 +165,7 @@ def prior_grad_routes(name, engine, args):
 def training_engine(name, args):
     """The engine a training step of the variant runs on ('auto' as the model resolves it)."""
     config = GPTConfig(attention=name, **args.shape["model"])
-    plain = name == "nope" and not config.ssmax
+    plain = plain_attention(VARIANTS[name](config), config.ssmax, False)
     T = args.shape["block"]
     return choose_engine("auto", plain, args.device, args.shape["batch"], config.n_head, T, T)
 
@@ -212,7 +212,7 @@ def bench_attention(name, engine, route, B, T, shape, device, dtype, warmup, run
         if route == "passes":
             return attend_exact(q, k, v, variant, tables, derivative_tables(variant, H, T, device, repeats), ssmax, None,
                                 engine, config.attn_block, None)
-        return attend(q, k, v, variant, tables, ssmax=ssmax, engine=engine, block=config.attn_block)
+        return attend(q, k, v, AttentionArgs(variant, tables, engine=engine, block=config.attn_block), ssmax)
 
     forward = torch.compile(forward) if device.type == "cuda" else forward  # the glue fused, as in the model
 

@@ -16,22 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-
-def index_grids(B, H, q_range, k_range, device, doc):
-    # without documents every batch row scores alike: one row of the grid serves them all
-    b = torch.arange(B if doc is not None else 1, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(H, device=device).view(1, H, 1, 1)
-    q = torch.arange(*q_range, device=device).view(1, 1, -1, 1)
-    kv = torch.arange(*k_range, device=device).view(1, 1, 1, -1)
-    return b, h, q, kv
-
-
-def allowed(b, q, kv, q_offset, doc):
-    """Causal (+ same document) mask on index grids; q is the local query index."""
-    mask = q + q_offset >= kv
-    if doc is not None:
-        mask = mask & (doc[b, q + q_offset] == doc[b, kv])
-    return mask
+from attention import allowed, index_grids
 
 
 def softmax_step(m, l, acc, logits, values):

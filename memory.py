@@ -6,13 +6,15 @@ import os
 
 import torch
 
-from attention import FLEX_BLOCK, choose_engine
+from attention import choose_engine, plain_attention
+from flex import FLEX_BLOCK
 
 
-def resolve_engine(engine, config, length, device):
-    """The engine attention.choose_engine will pick for one sequence of `length` tokens."""
-    plain = config.attention == "nope" and not config.ssmax
-    return choose_engine(engine, plain, device, 1, config.n_head, length, length, inference=True)
+def resolve_engine(engine, model, length, device):
+    """The engine attention.choose_engine will pick for one sequence of `length` tokens, and whether
+    attention is plain there (flash: nothing T x T)."""
+    plain = plain_attention(model.positional[0], model.config.ssmax, False)
+    return choose_engine(engine, plain, device, 1, model.config.n_head, length, length, inference=True), plain
 
 
 def estimate_memory(model, length, engine, device, vocab_chunk=0):
@@ -24,8 +26,7 @@ def estimate_memory(model, length, engine, device, vocab_chunk=0):
     weights = 4 * model.num_params()
     # residual stream, norms, qkv and its float32 copies, MLP (4C, twice) and the variant's tables
     activations = 4 * length * (24 * c.n_embd + 4 * c.n_head)
-    engine = resolve_engine(engine, c, length, device)
-    plain = c.attention == "nope" and not c.ssmax
+    engine, plain = resolve_engine(engine, model, length, device)
     if engine == "chunked":
         block = min(c.attn_block, length)
         attention = 5 * c.n_head * block * length + 16 * 4 * c.n_head * block ** 2

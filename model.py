@@ -4,14 +4,17 @@ Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
 Runs past its training length: nothing here depends on a maximum sequence length.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (ENGINES, VARIANTS, apply_rotary, attend, choose_engine, contract_problem, fitted_rope_fraction,
-                       flex_block_mask, positions_in_document, rotary_frequencies, ssmax_factor)
+from attention import (ENGINES, VARIANTS, AttentionArgs, affine_tables, apply_rotary, choose_engine, contract_problem,
+                       fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document, rotary_frequencies,
+                       sdpa_attention, ssmax_factor)
+from chunked import chunked_attention, toeplitz_attention
+from flex import flex_block_mask, flex_capture, flex_engine
 from prior_grad import attend_exact, derivative_tables, prior_repeats, route_problem
 from settings import check_fields, param
 
@@ -89,6 +92,38 @@ class KVCache:
         return k, v
 
 
+def attend(q, k, v, args, ssmax=None, q_offset=0):
+    """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) as `args` (attention.AttentionArgs)
+    says, with the SSMax factor ssmax (B, H, Tq) or None; q_offset: the absolute position of the first
+    query (Tk - Tq with a KV cache). An 'auto' engine is resolved here (GPT.attention_args resolves
+    it once per forward); with derivative tables, prior_grad.py's exact route runs."""
+    B, H, Tq, _ = q.shape
+    plain = plain_attention(args.variant, ssmax is not None, args.doc is not None)
+    engine = choose_engine(args.engine, plain, q.device, B, H, Tq, k.shape[2], not torch.is_grad_enabled())
+    variant, tables, doc = args.variant, args.tables, args.doc
+    if args.derivatives is not None:  # the prior's and SSMax's gradients from one more attention pass
+        return attend_exact(q, k, v, variant, tables, args.derivatives, ssmax, doc, engine, args.block, args.block_mask)
+    if engine == "flex":
+        tables = {key: flex_capture(t) for key, t in tables.items()}
+        ssmax = None if ssmax is None else flex_capture(ssmax)
+    score_mod = make_score_mod(variant, tables, ssmax, q_offset)
+    if engine == "sdpa":
+        return sdpa_attention(q, k, v, variant, tables, score_mod, ssmax, doc, q_offset)
+    if engine == "chunked":
+        needs_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, ssmax, *tables.values()))
+        affine = None if needs_grad else affine_tables(variant, tables, H, k.shape[2], q.device)
+        if affine is not None:  # inference: the fused kernel on views of the tables
+            return toeplitz_attention(q, k, v, *affine, ssmax, doc, q_offset, args.block)
+        return chunked_attention(q, k, v, score_mod, doc, q_offset, args.block)
+    if engine == "flex":
+        block_mask = args.block_mask
+        if block_mask is None:
+            block_mask = flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
+        return flex_engine(q, k, v, score_mod, block_mask)
+    raise ValueError(f"unknown attention engine {engine!r}; choose one of {', '.join(ENGINES)}")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -106,11 +141,12 @@ class CausalSelfAttention(nn.Module):
             fraction = 1.0 if config.rope == "full" else config.rope_fraction
             self.register_buffer("inv_freq", rotary_frequencies(head_dim, config.rope_base, fraction), persistent=False)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None,
-                queries_from=0):
-        """queries_from: only the queries from this position on are computed (keys and values from
-        every position); the output then has T - queries_from rows."""
+    def forward(self, x, args, cache=None, queries_from=0):
+        """args: the AttentionArgs of this layer (GPT.attention_args); queries_from: only the queries
+        from this position on are computed (keys and values from every position); the output then has
+        T - queries_from rows."""
         B, T, C = x.shape
+        doc = args.doc
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, hs)
         if self.qk_norm:  # rms_norm runs in float32 under CUDA autocast: back to v's dtype for the kernels
             q, k = F.rms_norm(q, (q.size(-1),)).to(v.dtype), F.rms_norm(k, (k.size(-1),)).to(v.dtype)
@@ -124,11 +160,7 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.extend(self.layer, k, v)
         q, q_offset = q[:, :, queries_from:], past + queries_from
         ssmax = ssmax_factor(self.ssmax_scale, B, q.shape[2], q_offset, doc) if self.config.ssmax else None
-        if derivatives is None:
-            y = attend(q, k, v, variant, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
-                       engine=engine, block=self.config.attn_block, block_mask=block_mask)
-        else:  # the prior's and SSMax's gradients from prior_grad.py's extra pass
-            y = attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, self.config.attn_block, block_mask)
+        y = attend(q, k, v, args, ssmax, q_offset)
         return self.dropout(self.c_proj(y.transpose(1, 2).reshape(B, q.shape[2], C)))
 
     @staticmethod
@@ -167,10 +199,8 @@ class Block(nn.Module):
         self.ln_2 = nn.RMSNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, variant, tables, doc=None, cache=None, engine="auto", block_mask=None, derivatives=None,
-                queries_from=0):
-        x = x[:, queries_from:] + self.attn(self.ln_1(x), variant, tables, doc, cache, engine, block_mask, derivatives,
-                                            queries_from)
+    def forward(self, x, args, cache=None, queries_from=0):
+        x = x[:, queries_from:] + self.attn(self.ln_1(x), args, cache, queries_from)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -243,35 +273,39 @@ class GPT(nn.Module):
             out = out + self.prev_weight[k] * (previous if position is None else previous * (position >= k))
         return out
 
+    def attention_args(self, B, T, n_keys, doc, device, queries_from=0):
+        """Each layer's AttentionArgs, made once per forward, outside the layer loop (so torch.compile
+        sees one graph): each prior's tables, the engine, flex's block mask, and the derivative tables
+        when prior_grad.py's exact route trains the prior (flex with --prior-grad auto or passes, chunked
+        with passes; training only). The last layer's queries start at queries_from: its own engine."""
+        c = self.config
+        plain = plain_attention(self.positional[0], c.ssmax, doc is not None)
+        inference = not torch.is_grad_enabled()
+        engine = choose_engine(c.engine, plain, device, B, c.n_head, T, n_keys, inference)
+        block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
+        exact = self.exact_prior_grad and not inference and n_keys == T and (
+            engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
+        shared = [AttentionArgs(p, p(n_keys, device), doc, engine, c.attn_block, block_mask,
+                                derivative_tables(p, c.n_head, n_keys, device, self.prior_repeats) if exact else None)
+                  for p in self.positional]
+        layers = [shared[i % len(shared)] for i in range(c.n_layer)]
+        if queries_from:
+            engine = choose_engine(c.engine, plain, device, B, c.n_head, T - queries_from, n_keys, inference)
+            layers[-1] = replace(layers[-1], engine=engine, block_mask=None)
+        return layers
+
     def hidden_states(self, idx, doc=None, cache=None, queries_from=0):
         """Final-norm hidden states (B, T - queries_from, C). doc: (B, T) document ids for document
-        masking; cache: a KVCache from new_cache(), extended in place; queries_from:
-        the first position whose state is needed (the last layer computes no query before it)."""
+        masking; cache: a KVCache from new_cache(), extended in place; queries_from: the first
+        position whose state is needed (the last layer computes no query before it)."""
         B, T = idx.shape
         n_keys = T + (cache.length if cache is not None else 0)
-        # everything the layers share is made once per forward, outside the layer loop: the
-        # positional tables, the engine, and flex's block mask (so torch.compile sees one graph)
-        c = self.config
-        tables = [p(n_keys, idx.device) for p in self.positional]
-        plain = c.attention == "nope" and not c.ssmax and doc is None
-        inference = not torch.is_grad_enabled()
-        engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T, n_keys, inference)
-        block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, idx.device) if engine == "flex" else None
-        # prior_grad.py's exact route: on flex (auto, passes) and chunked (passes), when training
-        exact = self.exact_prior_grad and cache is None and torch.is_grad_enabled() and (
-            engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
-        derivatives = [derivative_tables(p, c.n_head, n_keys, idx.device, self.prior_repeats) if exact else None
-                       for p in self.positional]
+        layer_args = self.attention_args(B, T, n_keys, doc, idx.device, queries_from)
         x = self.wte(idx)
-        x = self.drop(self.mix_previous(x, doc, cache) if c.prev_tokens else x)
+        x = self.drop(self.mix_previous(x, doc, cache) if self.config.prev_tokens else x)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            j = i % len(self.positional)
-            if i == last and queries_from:  # its queries start at queries_from: their own engine and block mask
-                engine = choose_engine(c.engine, plain, idx.device, B, c.n_head, T - queries_from, n_keys, inference)
-                block_mask = None
-            x = block(x, self.positional[j], tables[j], doc, cache, engine, block_mask,
-                      derivatives[j], queries_from if i == last else 0)
+            x = block(x, layer_args[i], cache, queries_from if i == last else 0)
         if cache is not None:
             cache.length = n_keys
         return self.ln_f(x)

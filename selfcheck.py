@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from attention import VARIANTS, attend, ssmax_factor
-from model import GPT, GPTConfig
+from attention import VARIANTS, AttentionArgs, ssmax_factor
+from model import GPT, GPTConfig, attend
 from prior_grad import attend_exact, derivative_tables, prior_repeats
 from settings import Parser, autocast, comma_list, native_bf16, pick_device, run_main
 
@@ -65,7 +65,7 @@ def attention_case(name, engine, T, D, dtype, device, backward):
                 y = attend_exact(*leaves, variant, variant(T, device), derivatives, ssmax, doc, engine.split("+")[0], 256,
                                  None)
             else:
-                y = attend(*leaves, variant, variant(T, device), ssmax=ssmax, doc=doc, engine=engine, block=256)
+                y = attend(*leaves, AttentionArgs(variant, variant(T, device), doc, engine, 256), ssmax)
             if not backward:
                 return [y]
             grads = torch.autograd.grad((y.float() * torch.cos(y.float())).sum(), leaves + params)

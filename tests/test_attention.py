@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from attention import (VARIANTS, alibi_slopes, attend, make_score_mod, positions_in_document,
+from attention import (VARIANTS, AttentionArgs, alibi_slopes, make_score_mod, positions_in_document,
                        rotary_frequencies, ssmax_factor)
-from model import GPTConfig
+from model import GPTConfig, attend
 
 torch.manual_seed(0)
 ENGINES = ("sdpa", "chunked", "flex")
@@ -182,7 +182,7 @@ def test_engines_agree_with_float64_reference(name, use_ssmax, use_doc):
         tables = var(T, "cpu")
         for engine in ENGINES:
             with torch.no_grad():
-                got = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine=engine, block=64)
+                got = attend(q, k, v, AttentionArgs(var, tables, doc=doc, engine=engine, block=64), ssmax=ssmax)
             err = (got.double() - want).abs().max().item()
             assert err < 2e-5, f"{engine} {name} T={T} ssmax={use_ssmax} doc={use_doc}: max error {err}"
 
@@ -199,7 +199,7 @@ def test_training_engines_agree_on_gradients(name):
         scale = torch.tensor(SSMAX_SCALE, requires_grad=True)
         q, k, v = (x.requires_grad_() for x in (q, k, v))
         ssmax = ssmax_factor(scale, B, T, 0, doc)
-        out = attend(q, k, v, var, var(T, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=48)
+        out = attend(q, k, v, AttentionArgs(var, var(T, "cpu"), doc=doc, engine=engine, block=48), ssmax=ssmax)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads[engine] = [q.grad, k.grad, v.grad, scale.grad] + [p.grad for p in var.parameters()]
     for a, b in zip(grads["sdpa"], grads["chunked"]):
@@ -213,18 +213,17 @@ def test_kv_offset_matches_full_attention():
     for name in VARIANTS:
         var, q, k, v, ssmax, _ = random_case(name, 50, True, False)
         tables = var(50, "cpu")
-        full = attend(q, k, v, var, tables, ssmax=ssmax, engine="sdpa")
+        full = attend(q, k, v, AttentionArgs(var, tables, engine="sdpa"), ssmax=ssmax)
         for engine in ENGINES:
             with torch.no_grad():
-                tail = attend(q[:, :, 45:], k, v, var, tables, ssmax=ssmax[:, :, 45:], q_offset=45,
-                              engine=engine, block=16)
+                tail = attend(q[:, :, 45:], k, v, AttentionArgs(var, tables, engine=engine, block=16), ssmax=ssmax[:, :, 45:], q_offset=45)
             assert torch.allclose(tail, full[:, :, 45:], atol=1e-5), (name, engine)
 
 
 def test_flex_refuses_backward_off_cuda():
     var, q, k, v, _, _ = random_case("alibi", 8, False, False)
     with pytest.raises(RuntimeError, match="no backward off CUDA"):
-        attend(q.requires_grad_(), k, v, var, var(8, "cpu"), engine="flex")
+        attend(q.requires_grad_(), k, v, AttentionArgs(var, var(8, "cpu"), engine="flex"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -235,8 +234,8 @@ def test_compiled_flex_on_cuda_matches_chunked():
         ssmax = None if ssmax is None else ssmax.cuda()
         tables = var(1000, "cuda")
         with torch.no_grad():
-            a = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="flex")
-            b = attend(q, k, v, var, tables, ssmax=ssmax, doc=doc, engine="chunked")
+            a = attend(q, k, v, AttentionArgs(var, tables, doc=doc, engine="flex"), ssmax=ssmax)
+            b = attend(q, k, v, AttentionArgs(var, tables, doc=doc, engine="chunked"), ssmax=ssmax)
         assert torch.allclose(a, b, atol=1e-3), name
 
 
@@ -265,9 +264,9 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
     want = reference_attention(q, k, v, lambda S, h, i, j: cauchy(S - torch.log1p(((i - j) / width) ** 2), h, i, j), doc)
     for engine in ENGINES:
         with torch.no_grad():
-            got = attend(q, k, v, var, var(70, "cpu"), ssmax=ssmax, doc=doc, engine=engine, block=32)
+            got = attend(q, k, v, AttentionArgs(var, var(70, "cpu"), doc=doc, engine=engine, block=32), ssmax=ssmax)
         assert (got.double() - want).abs().max() < 2e-5, engine
-    attend(q, k, v, var, var(70, "cpu"), engine="sdpa").sum().backward()
+    attend(q, k, v, AttentionArgs(var, var(70, "cpu"), engine="sdpa")).sum().backward()
     assert var.log_width.grad.abs().sum() > 0
 
 
@@ -279,7 +278,7 @@ def test_inference_tiles_equal_float64_reference(name, use_ssmax, use_doc, monke
     equals the float64 reference at awkward lengths and tiles, queries at the end of the keys too."""
     import chunked
     calls = []
-    monkeypatch.setattr("attention.toeplitz_attention", lambda *a: calls.append(1) or chunked.toeplitz_attention(*a))
+    monkeypatch.setattr("model.toeplitz_attention", lambda *a: calls.append(1) or chunked.toeplitz_attention(*a))
     for T, block, q_offset in ((1, 7, 0), (37, 7, 0), (130, 48, 0), (300, 64, 0), (130, 48, 77), (300, 1000, 299)):
         var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
         var, q, k, v = var.double(), q.double(), k.double(), v.double()
@@ -291,8 +290,7 @@ def test_inference_tiles_equal_float64_reference(name, use_ssmax, use_doc, monke
             log_t = torch.log1p(torch.arange(T, dtype=torch.float64) / var.tau)
             tables = {"a": torch.sqrt(2 * log_t + 1), "m": -2 * log_t}
         with torch.no_grad():
-            got = attend(q[:, :, q_offset:], k, v, var, tables, ssmax=ssmax, doc=doc, q_offset=q_offset,
-                         engine="chunked", block=block)
+            got = attend(q[:, :, q_offset:], k, v, AttentionArgs(var, tables, doc=doc, engine="chunked", block=block), ssmax=ssmax, q_offset=q_offset)
         assert got.dtype == torch.float64
         err = (got - want).abs().max().item()
         assert err < 1e-10, f"{name} T={T} block={block} q_offset={q_offset}: max error {err}"
@@ -323,5 +321,5 @@ def test_a_score_that_is_not_affine_in_s_runs_through_the_score_function():
     want = reference_attention(q, k, v, lambda S, h, i, j: 5 * torch.tanh(S / 5) - 0.1 * (i - j).clamp(min=0), doc)
     for engine in ENGINES:
         with torch.no_grad():
-            got = attend(q, k, v, var, var(130, "cpu"), doc=doc, engine=engine, block=48)
+            got = attend(q, k, v, AttentionArgs(var, var(130, "cpu"), doc=doc, engine=engine, block=48))
         assert (got.double() - want).abs().max() < 2e-5, engine

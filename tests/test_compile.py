@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import attention
+import flex
 import model as model_module
 import selfcheck
 import settings
-from attention import VARIANTS, attend, document_ids, flex_kernel_options
-from model import GPT, GPTConfig
+from attention import VARIANTS, AttentionArgs, document_ids
+from flex import flex_kernel_options
+from model import GPT, GPTConfig, attend
 
 EOT = 0
 
@@ -115,7 +117,7 @@ def test_materialize_is_an_identity_with_gradients():
     gradients through unchanged, eagerly and compiled."""
     x = torch.randn(3, 5, requires_grad=True)
     weights = torch.randn(3, 5)
-    for fn in (attention.materialize, torch.compile(attention.materialize, backend="aot_eager")):
+    for fn in (flex.materialize, torch.compile(flex.materialize, backend="aot_eager")):
         y = fn(x)
         (grad,) = torch.autograd.grad((y * weights).sum(), x)
         assert torch.equal(y, x) and torch.equal(grad, weights)
@@ -137,9 +139,9 @@ def test_flex_block_mask_lists_exactly_the_visible_blocks(Tq, Tk, use_doc):
     """Eager flex (the CPU reference) applies the mask to every score, so the block lists are
     checked here directly: a key block is listed iff some query of the block sees some key of it,
     and 'full' (the mask skipped) only where every query sees every key."""
-    B, q_offset, n = 2, Tk - Tq, attention.FLEX_BLOCK
+    B, q_offset, n = 2, Tk - Tq, flex.FLEX_BLOCK
     doc = torch.sort(torch.randint(0, 3, (B, Tk)), dim=1).values if use_doc else None  # long documents
-    mask = attention.flex_block_mask(B, Tq, Tk, q_offset, doc, torch.device("cpu"))
+    mask = flex.flex_block_mask(B, Tq, Tk, q_offset, doc, torch.device("cpu"))
     i, j = torch.arange(Tq)[:, None] + q_offset, torch.arange(Tk)[None, :]
     allowed = (i >= j).expand(B, Tq, Tk)
     if use_doc:
@@ -234,21 +236,21 @@ def test_flex_copies_what_it_captures_only_off_cuda(monkeypatch):
     import prior_grad
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a compiled model
     copies = []
-    monkeypatch.setattr(attention, "materialize", lambda t: copies.append(t) or t)
+    monkeypatch.setattr(flex, "materialize", lambda t: copies.append(t) or t)
     with FakeTensorMode(allow_non_fake_inputs=True):
         on_cuda = torch.empty(3, device="cuda")
-        assert attention.flex_capture(on_cuda) is on_cuda and not copies
-    assert attention.flex_capture(torch.ones(3)) is not None and len(copies) == 1
+        assert flex.flex_capture(on_cuda) is on_cuda and not copies
+    assert flex.flex_capture(torch.ones(3)) is not None and len(copies) == 1
 
     captured = []
-    for module in (attention, prior_grad):  # no direct copy: only through flex_capture
+    for module in (model_module, prior_grad):  # no direct copy: only through flex_capture
         monkeypatch.setattr(module, "flex_capture", lambda t: captured.append(t) or t)
         monkeypatch.setattr(module, "flex_engine", lambda q, k, v, *a, return_lse=False, **kw: (
             (v.new_zeros(q.shape), q.new_zeros(q.shape[:-1])) if return_lse else v.new_zeros(q.shape)))
     variant = VARIANTS["bam"](GPTConfig(n_head=2, n_embd=32))
     q = torch.randn(1, 2, 200, 16)
     c = attention.ssmax_factor(torch.ones(2, requires_grad=True), 1, 200, 0, None)
-    attend(q, q, q, variant, variant(200, "cpu"), ssmax=c, engine="flex")
+    attend(q, q, q, AttentionArgs(variant, variant(200, "cpu"), engine="flex"), ssmax=c)
     prior_grad.attend_exact(q, q, q, variant, variant(200, "cpu"), prior_grad.derivative_tables(variant, 2, 200, "cpu"),
                             c, None, "flex", 64, None)
     assert len(copies) == 1 and len(captured) == 5  # the table and c twice, the route's log r once

@@ -251,9 +251,9 @@ def test_memory_estimate_and_engine_choice():
     model = tiny_model()
     cpu = torch.device("cpu")
     # evaluation needs no autograd: the chunked engine's inference tiles at every length, flash for plain NoPE
-    assert M.resolve_engine("auto", model.config, 1024, cpu) == "chunked"
-    assert M.resolve_engine("auto", model.config, 65536, cpu) == "chunked"
-    assert M.resolve_engine("auto", tiny_model("nope").config, 65536, cpu) == "sdpa"
+    assert M.resolve_engine("auto", model, 1024, cpu) == ("chunked", False)
+    assert M.resolve_engine("auto", model, 65536, cpu) == ("chunked", False)
+    assert M.resolve_engine("auto", tiny_model("nope"), 65536, cpu) == ("sdpa", True)
     sdpa, _ = M.estimate_memory(model, 65536, "sdpa", cpu)
     chunked, _ = M.estimate_memory(model, 65536, "chunked", cpu)
     assert sdpa > 2 * 65536 ** 2 * 4 > 2 ** 30 > chunked  # the T x T term, or a tile

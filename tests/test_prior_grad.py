@@ -6,9 +6,10 @@ import torch
 import torch.nn as nn
 
 import prior_grad
-from attention import BAM, ScaleInvariant, attend, flex_block_mask, make_score_mod, prior_score, ssmax_factor
+from attention import BAM, AttentionArgs, ScaleInvariant, make_score_mod, prior_score, ssmax_factor
+from flex import flex_block_mask
 import model as model_module
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, attend
 from prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats, prior_table,
                         route_problem)
 
@@ -85,7 +86,7 @@ def gradients(var, T, doc, exact, seed=0):
         y = attend_exact(q, k, v, var, var(T, "cpu"), derivative_tables(var, H, T, "cpu", prior_repeats(var, H)), c, doc,
                          "chunked", 64, None)
     else:
-        y = attend(q, k, v, var, var(T, "cpu"), ssmax=c, doc=doc, engine="sdpa")
+        y = attend(q, k, v, AttentionArgs(var, var(T, "cpu"), doc=doc, engine="sdpa"), ssmax=c)
     leaves = [q, k, v, *var.parameters(), scale]
     return [y] + list(torch.autograd.grad((y * torch.cos(3 * y)).sum(), leaves))
 
@@ -217,8 +218,7 @@ def test_fp16_outputs_stay_finite_where_c_times_w_passes_fp16s_range():
     derivatives = derivative_tables(var, H, T, "cpu", prior_repeats(var, H))
     y = attend_exact(q, k, v, var, var(T, "cpu"), derivatives, c, None, "chunked", 64, None)
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
-    plain = attend(q, k, v, var, {key: t.detach() for key, t in var(T, "cpu").items()}, ssmax=c.detach(),
-                   engine="chunked", block=64)
+    plain = attend(q, k, v, AttentionArgs(var, {key: t.detach() for key, t in var(T, "cpu").items()}, engine="chunked", block=64), ssmax=c.detach())
     # the route folds c (~45 here) into fp16 q: its logits round otherwise than chunked's float32 ones
     assert (y.float() - plain.float()).abs().max() < 3e-2 * plain.float().abs().max()
     grads = torch.autograd.grad((y.float() * 1e-4).sum(), [scale, *var.parameters()])
