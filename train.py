@@ -183,6 +183,27 @@ def resume_checkpoint(config, model_values, meta, device):
     return model, checkpoint
 
 
+def start_model(config, model_values, meta, device):
+    """(model, checkpoint): the checkpoint's model with --resume, else a new one (checkpoint None)."""
+    if config.resume:
+        return resume_checkpoint(config, model_values, meta, device)
+    vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
+    try:
+        return GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
+    except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
+        fail(str(e))
+
+
+def restore(checkpoint, optimizer, train_loader, device):
+    """The optimizer, data position and random state of a checkpoint; returns its (step, best val loss)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    return checkpoint["step"], checkpoint["best_val_loss"]
+
+
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -197,14 +218,7 @@ def main(argv=None):
     eot = meta["eot_token"]
 
     torch.manual_seed(config.seed)
-    if config.resume:
-        raw_model, checkpoint = resume_checkpoint(config, model_values, meta, device)
-    else:
-        vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
-        try:
-            raw_model, checkpoint = GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
-        except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
-            fail(str(e))
+    raw_model, checkpoint = start_model(config, model_values, meta, device)
     block_size = raw_model.config.block_size
     try:
         train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
@@ -219,12 +233,7 @@ def main(argv=None):
                                   fused=device.startswith("cuda"))
     step, best_val = 0, float("inf")
     if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-        step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
+        step, best_val = restore(checkpoint, optimizer, train_loader, device)
         if step >= config.max_steps:
             print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
                   f"raise --max-steps to train further")
@@ -245,36 +254,40 @@ def main(argv=None):
     print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
           f"| {device} {str(dtype).removeprefix('torch.')} compile {use_compile} | {tokens_per_step} tokens/step")
 
+    def abort(message):  # the bar closed first, so that the one-line error stands on its own line
+        bar.close()
+        fail(message)
+
     def save(name):  # at a step boundary, with the data position of that boundary
         checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, device)
         try:
             save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
         except OSError as e:  # a full disk, a read-only folder: save_checkpoint left the previous file as it was
-            bar.close()
-            fail(f"cannot write {name} in {config.out_dir} at step {step}: {e.strerror or e}; the previous {name} "
-                 f"is left as it was. Free space or fix the folder, then continue with --resume")
+            abort(f"cannot write {name} in {config.out_dir} at step {step}: {e.strerror or e}; the previous {name} "
+                  f"is left as it was. Free space or fix the folder, then continue with --resume")
 
     def write_log(record):
         try:
             log.write(json.dumps(record) + "\n")
             log.flush()
         except OSError as e:
-            bar.close()
-            fail(f"cannot write {config.out_dir}/log.jsonl at step {step}: {e.strerror or e}; free space or "
-                 f"fix the folder, then continue with --resume")
+            abort(f"cannot write {config.out_dir}/log.jsonl at step {step}: {e.strerror or e}; free space or "
+                  f"fix the folder, then continue with --resume")
 
     step_start = train_loader.state_dict()
     model.train()
     t0, loss_value = time.time(), float("nan")
-    with StopSignals("after this step", "without saving; the last checkpoint is as it was") as stop, tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
-        while step < config.max_steps:
-            if stop.signum:
+    with StopSignals("after this step", "without saving; the last checkpoint is as it was") as stop, \
+            tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
+        while True:
+            last_step = step == config.max_steps
+            if stop.signum and not last_step:
                 save("last.pt")
                 bar.close()
                 print(f"stopped by {signal.Signals(stop.signum).name} at step {step}; saved {config.out_dir}/last.pt "
                       f"(continue with --resume)")
                 sys.exit(128 + stop.signum)
-            if step % config.eval_interval == 0 and step > 0:
+            if last_step or step % config.eval_interval == 0 and step > 0:  # evaluate and save; at the end, always
                 val_loss = evaluate(model, val_loader, config.eval_batches, device, mixed, eot, config.doc_mask)
                 write_log({"step": step, "val_loss": val_loss})
                 bar.write(f"step {step}: val loss {val_loss:.4f}")
@@ -282,6 +295,8 @@ def main(argv=None):
                     best_val = val_loss
                     save("best.pt")
                 save("last.pt")
+            if last_step:
+                break
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -301,9 +316,8 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
             loss_value = step_loss.item()
             if not math.isfinite(loss_value):
-                bar.close()
-                fail(f"loss became {loss_value} at step {step}; stopping without saving. The last good "
-                     f"checkpoint is {config.out_dir}/last.pt; try a lower --lr or --grad-clip")
+                abort(f"loss became {loss_value} at step {step}; stopping without saving. The last good "
+                      f"checkpoint is {config.out_dir}/last.pt; try a lower --lr or --grad-clip")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -316,16 +330,8 @@ def main(argv=None):
             bar.update(1)
             if step % config.log_interval == 0:
                 write_log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt})
-        bar.close()
-        val_loss = evaluate(model, val_loader, config.eval_batches, device, mixed, eot, config.doc_mask)
-        write_log({"step": step, "val_loss": val_loss})
-        if val_loss < best_val:
-            best_val = val_loss
-            save("best.pt")
-        save("last.pt")
-        print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
-        log.close()
-
+    log.close()
+    print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
 
 if __name__ == "__main__":
     main()
