@@ -16,11 +16,11 @@ content, or an absolute position. Every engine relies on it (sdpa and chunked bu
 whole batch, the inference tiles one table row per distance), and GPT refuses, when it is built, a
 variant that breaks it (contract_problem). The model leaves a prior alone: its parameters keep the
 init its class gives them and never get weight decay, and `prior_per_layer` gives every layer its
-own. The same function runs in three engines:
+own. The same function runs in three engines, which model.attend calls:
 
-    sdpa     F.scaled_dot_product_attention: flash for plain causal attention, a computed
+    sdpa     F.scaled_dot_product_attention (here): flash for plain causal attention, a computed
              additive bias for additive variants, explicit logits for the others (scaleinv)
-    flex     FlexAttention with a causal (+ document) block mask; fused and compiled on CUDA
+    flex     FlexAttention with a causal (+ document) block mask (flex.py); fused and compiled on CUDA
     chunked  tiles on any device, memory linear in T (chunked.py): with autograd an online softmax
              over query x key tiles; without, one fused sdpa call per query tile on a view of the tables
 

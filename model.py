@@ -1,5 +1,6 @@
 """
-A compact GPT whose positional signal is one config field (attention.py has the variants).
+A compact GPT whose positional signal is one config field (attention.py has the variants), and
+`attend`, which runs a layer's attention on the engine its AttentionArgs name.
 Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
 Runs past its training length: nothing here depends on a maximum sequence length.
 """

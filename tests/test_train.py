@@ -320,3 +320,27 @@ def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert "not a checkpoint" in error_of(capsys, sample.main, ["--ckpt", str(garbage)])
+
+
+def test_a_token_goes_from_a_shard_to_the_loss_through_four_files(data_dir):
+    """README, Layout: the default training step (bam + SSMax on a CPU) runs code of data/shards.py,
+    train.py (the caller here), model.py and attention.py only."""
+    from data.shards import TokenLoader, read_meta
+    from model import GPTConfig
+    vocab_size = 64 * math.ceil(read_meta(data_dir)["vocab_size"] / 64)
+    model = GPT(GPTConfig(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=2, n_embd=32))
+    loader = TokenLoader(data_dir, "train", 4, 64)
+    ran = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            ran.add(os.path.relpath(frame.f_code.co_filename, ROOT))
+    sys.setprofile(profile)
+    try:
+        x, y = loader.next_batch()
+        _, loss = model(torch.from_numpy(x), torch.from_numpy(y))
+        loss.backward()
+    finally:
+        sys.setprofile(None)
+    ours = {f for f in ran if not f.startswith(("..", ".venv")) and f.endswith(".py")}
+    assert ours == {"data/shards.py", "model.py", "attention.py"}, ours
