@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 import train
-from attention import VARIANTS, document_ids, prior_score
+from attention import VARIANTS, NoPE, document_ids, prior_score
 from checkpoint import load_checkpoint
 from model import GPT, GPTConfig
 
@@ -129,15 +129,8 @@ class ContentGate(nn.Module):
         return s + tables["gate"][b, kv]
 
 
-class Progressive(nn.Module):
+class Progressive(NoPE):
     """FIRE's progressive interpolation: the distance divided by the query's position."""
-    additive = True
-
-    def __init__(self, config):
-        super().__init__()
-
-    def forward(self, n, device):
-        return {}
 
     @staticmethod
     def score(s, b, h, q, kv, tables):
