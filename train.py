@@ -1,10 +1,14 @@
 """
-Train a GPT on one device. Every setting is a flag (python train.py --help); a JSON or TOML
-config file may set defaults (--config file.toml), and flags override it.
+Train a GPT on one device, or on several with torchrun. Every setting is a flag (python train.py
+--help); a JSON or TOML config file may set defaults (--config file.toml), and flags override it.
 
     python data/prepare.py synthetic && python train.py                 # CPU, a few minutes
     python train.py --data data/fineweb --n-layer 12 --n-head 12 --n-embd 768 \\
         --block-size 1024 --batch-size 16 --grad-accum 32 --attention bam   # one GPU
+    torchrun --standalone --nproc_per_node=8 train.py ... --grad-accum 4  # the same model on 8 GPUs
+
+Under torchrun a step reads nproc x --grad-accum micro-batches of --batch-size sequences, the same
+ones a single process reads with --grad-accum nproc x grad_accum, and gives the same gradient.
 """
 import argparse
 import json
@@ -14,18 +18,21 @@ import signal
 import sys
 import time
 import tomllib
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attention import document_ids
 from data.shards import TokenLoader
 from data.shards import read_meta
 from checkpoint import load_checkpoint, save_checkpoint
+from distributed import start_world
 from model import GPT, GPTConfig
-from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_device,
-                      pick_dtype, value_type)
+from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_dtype,
+                      value_type)
 
 
 @dataclass
@@ -39,8 +46,8 @@ class TrainConfig:
     compile: bool | None = param(None, "torch.compile the model (default: on for CUDA)")
     seed: int = param(1337, "random seed", "[0, inf)")
     batch_size: int = param(16, "sequences per micro-batch", "[1, inf)")
-    grad_accum: int = param(1, "micro-batches per optimizer step; together they give the gradient of one batch of all of them",
-                            "[1, inf)")
+    grad_accum: int = param(1, "micro-batches per optimizer step (per process under torchrun); together they give the "
+                            "gradient of one batch of all of them", "[1, inf)")
     max_steps: int = param(300, "optimizer steps to train for", "[1, inf)")
     lr: float = param(3e-3, "peak learning rate", "(0, inf)")
     min_lr_ratio: float = param(0.1, "final learning rate as a fraction of --lr", "[0, 1]")
@@ -139,37 +146,71 @@ def peak_flops(device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, batches, device, mixed, eot, doc_mask):
+def evaluate(model, loader, batches, world, mixed, eot, doc_mask):
+    """The mean loss of the first `batches` validation batches, on every rank: rank r scores
+    batches r, r + W, r + 2W, ... of them, and the sum goes round."""
     model.eval()
     loader.reset()
-    losses = []
-    for _ in range(batches):
-        x, y = (torch.from_numpy(a).to(device) for a in loader.next_batch())
+    total = 0.0
+    for i in range(batches):
+        if i % world.size != world.rank:
+            loader.skip()
+            continue
+        x, y = (torch.from_numpy(a).to(world.device) for a in loader.next_batch())
         with mixed:
             _, loss = model(x, y, doc=document_ids(x, eot) if doc_mask else None)
-        losses.append(loss.item())
+        total += loss.item()
     model.train()
-    return sum(losses) / len(losses)
+    return world.sum(total) / batches
+
+
+def read_step_share(loader, world, grad_accum):
+    """This rank's micro-batches of a step. Every rank walks the step's W x grad_accum batches, the
+    ones a single process reads with --grad-accum W x grad_accum, and rank r takes the r-th run of
+    grad_accum of them; so the data order, and the loader state, do not depend on W."""
+    share = []
+    for i in range(world.size * grad_accum):
+        if i // grad_accum == world.rank:
+            share.append(loader.next_batch())
+        else:
+            loader.skip()
+    return share
 
 
 # ----------------------------------------------------------------------------------------
 # checkpoints and resume
 
-def make_checkpoint(raw_model, optimizer, config, meta, step, best_val, loader_state, device):
+def make_checkpoint(raw_model, optimizer, config, meta, step, best_val, loader_state, world):
     rng = {"cpu": torch.get_rng_state()}
-    if device.startswith("cuda"):
-        rng["cuda"] = torch.cuda.get_rng_state(device)
+    if world.device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state(world.device)
     return {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
             "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": meta,
-            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng}
+            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng,
+            "world_size": world.size}
 
 
-def resume_checkpoint(config, model_values, meta, device):
+def check_world(checkpoint, config, world, path):
+    """A resume on another number of processes is exact when a step still reads the same
+    micro-batches (W x grad_accum of batch_size sequences); otherwise it is refused."""
+    saved_world, saved = checkpoint.get("world_size", 1), checkpoint["train_config"]
+    micro = saved_world * saved["grad_accum"]
+    if world.size == saved_world or (world.size * config.grad_accum, config.batch_size) == (micro, saved["batch_size"]):
+        return
+    fix = (f"pass --grad-accum {micro // world.size} --batch-size {saved['batch_size']}" if micro % world.size == 0 else
+           f"run {saved_world} processes, or a number that divides {micro}")
+    fail(f"cannot resume: {path} was trained on {saved_world} process(es) x --grad-accum {saved['grad_accum']} = {micro} "
+         f"micro-batches of {saved['batch_size']} per step; {world.size} x {config.grad_accum} of {config.batch_size} "
+         f"would read the data in another order. To continue exactly, {fix}")
+
+
+def resume_checkpoint(config, model_values, meta, world):
     path = os.path.join(config.out_dir, "last.pt")
     try:
-        model, checkpoint = load_checkpoint(path, device)
+        model, checkpoint = load_checkpoint(path, world.device)
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot resume: {e}")
+    check_world(checkpoint, config, world, path)
     saved = checkpoint["model_config"]
     for name, value in model_values.items():
         if name not in RUNTIME_FIELDS and saved.get(name) != value:
@@ -183,13 +224,13 @@ def resume_checkpoint(config, model_values, meta, device):
     return model, checkpoint
 
 
-def start_model(config, model_values, meta, device):
+def start_model(config, model_values, meta, world):
     """(model, checkpoint): the checkpoint's model with --resume, else a new one (checkpoint None)."""
     if config.resume:
-        return resume_checkpoint(config, model_values, meta, device)
+        return resume_checkpoint(config, model_values, meta, world)
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
     try:
-        return GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(device), None
+        return GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(world.device), None
     except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
         fail(str(e))
 
@@ -208,7 +249,7 @@ def restore(checkpoint, optimizer, train_loader, device):
 
 def main(argv=None):
     config, model_values = parse_config(argv)
-    device = str(pick_device(config.device))  # "cpu", "cuda", "cuda:1", "mps"
+    world, device = start_world(config.device)  # device: "cpu", "cuda", "cuda:1", "mps"
     dtype = pick_dtype(config.dtype, device, training=True)
     use_compile = config.compile if config.compile is not None else device.startswith("cuda")
     try:
@@ -218,7 +259,7 @@ def main(argv=None):
     eot = meta["eot_token"]
 
     torch.manual_seed(config.seed)
-    raw_model, checkpoint = start_model(config, model_values, meta, device)
+    raw_model, checkpoint = start_model(config, model_values, meta, world)
     block_size = raw_model.config.block_size
     try:
         train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
@@ -235,31 +276,44 @@ def main(argv=None):
     if checkpoint is not None:
         step, best_val = restore(checkpoint, optimizer, train_loader, device)
         if step >= config.max_steps:
-            print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
-                  f"raise --max-steps to train further")
+            if world.main:
+                print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
+                      f"raise --max-steps to train further")
+            world.close()
             return
-        print(f"resuming from {config.out_dir}/last.pt at step {step}")
+        if world.main:
+            print(f"resuming from {config.out_dir}/last.pt at step {step}")
     model = torch.compile(raw_model) if use_compile else raw_model
+    # under torchrun: one gradient all-reduce per step, overlapped with the last micro-batch's backward
+    trained = DistributedDataParallel(model) if world.distributed else model
     mixed = autocast(device, dtype)
 
-    try:
-        os.makedirs(config.out_dir, exist_ok=True)
-        log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
-    except OSError as e:
-        fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
-    tokens_per_step = config.batch_size * block_size * config.grad_accum
+    log = None
+    if world.main:
+        try:
+            os.makedirs(config.out_dir, exist_ok=True)
+            log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+        except OSError as e:
+            fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
+    tokens_per_step = config.batch_size * block_size * config.grad_accum * world.size
     c = raw_model.config
     flops_per_token = 6 * raw_model.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * block_size
     peak = peak_flops(device)
-    print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
-          f"| {device} {str(dtype).removeprefix('torch.')} compile {use_compile} | {tokens_per_step} tokens/step")
+    peak = peak and peak * world.size
+    if world.main:
+        processes = f" x {world.size} processes" if world.distributed else ""
+        print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
+              f"| {device}{processes} {str(dtype).removeprefix('torch.')} compile {use_compile} | "
+              f"{tokens_per_step} tokens/step")
 
     def abort(message):  # the bar closed first, so that the one-line error stands on its own line
         bar.close()
         fail(message)
 
-    def save(name):  # at a step boundary, with the data position of that boundary
-        checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, device)
+    def save(name):  # at a step boundary, with the data position of that boundary (the same on every rank)
+        if not world.main:
+            return
+        checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, world)
         try:
             save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
         except OSError as e:  # a full disk, a read-only folder: save_checkpoint left the previous file as it was
@@ -267,6 +321,8 @@ def main(argv=None):
                   f"is left as it was. Free space or fix the folder, then continue with --resume")
 
     def write_log(record):
+        if not world.main:
+            return
         try:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -278,19 +334,24 @@ def main(argv=None):
     model.train()
     t0, loss_value = time.time(), float("nan")
     with StopSignals("after this step", "without saving; the last checkpoint is as it was") as stop, \
-            tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True) as bar:
+            tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not world.main) as bar:
         while True:
             last_step = step == config.max_steps
-            if stop.signum and not last_step:
+            stop_signal = int(world.max(stop.signum or 0))  # a signal to any rank stops every rank here
+            if stop_signal and not last_step:
                 save("last.pt")
+                world.barrier()  # no rank ends (and makes torchrun stop the others) before last.pt is written
                 bar.close()
-                print(f"stopped by {signal.Signals(stop.signum).name} at step {step}; saved {config.out_dir}/last.pt "
-                      f"(continue with --resume)")
-                sys.exit(128 + stop.signum)
+                if world.main:
+                    print(f"stopped by {signal.Signals(stop_signal).name} at step {step}; saved "
+                          f"{config.out_dir}/last.pt (continue with --resume)")
+                world.close()
+                sys.exit(128 + stop_signal)
             if last_step or step % config.eval_interval == 0 and step > 0:  # evaluate and save; at the end, always
-                val_loss = evaluate(model, val_loader, config.eval_batches, device, mixed, eot, config.doc_mask)
+                val_loss = evaluate(model, val_loader, config.eval_batches, world, mixed, eot, config.doc_mask)
                 write_log({"step": step, "val_loss": val_loss})
-                bar.write(f"step {step}: val loss {val_loss:.4f}")
+                if world.main:
+                    bar.write(f"step {step}: val loss {val_loss:.4f}")
                 if val_loss < best_val:
                     best_val = val_loss
                     save("best.pt")
@@ -300,21 +361,25 @@ def main(argv=None):
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # the step's loss is the mean over the counted targets of all its micro-batches (a loss
-            # mask counts a different number in each): each micro-batch's mean is weighted by its share
-            batches = [train_loader.next_batch() for _ in range(config.grad_accum)]
+            # the step's loss is the mean over the counted targets of all its micro-batches, on all
+            # ranks (a loss mask counts a different number in each): each micro-batch's mean is
+            # weighted by its share. DDP averages the ranks' gradients, hence the factor W.
+            batches = read_step_share(train_loader, world, config.grad_accum)
             counts = [int((y != -1).sum()) for _, y in batches]
+            counted = max(1.0, world.sum(sum(counts)))
             step_loss = 0.0
-            for (x, y), count in zip(batches, counts):
+            for i, ((x, y), count) in enumerate(zip(batches, counts)):
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
-                with mixed:
-                    _, loss = model(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
-                loss = loss * (count / max(1, sum(counts)))
-                loss.backward()
+                # DDP all-reduces the gradients in the last micro-batch's backward only
+                with trained.no_sync() if world.distributed and i < len(batches) - 1 else nullcontext():
+                    with mixed:
+                        _, loss = trained(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
+                    loss = loss * (world.size * count / counted)
+                    loss.backward()
                 step_loss += loss.detach()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
-            loss_value = step_loss.item()
+            # the gradient's norm before clipping (logged; with --grad-clip 0 nothing is clipped)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+            loss_value = world.sum(step_loss) / world.size
             if not math.isfinite(loss_value):
                 abort(f"loss became {loss_value} at step {step}; stopping without saving. The last good "
                       f"checkpoint is {config.out_dir}/last.pt; try a lower --lr or --grad-clip")
@@ -329,9 +394,12 @@ def main(argv=None):
             bar.set_postfix(postfix)
             bar.update(1)
             if step % config.log_interval == 0:
-                write_log({"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt})
-    log.close()
-    print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
+                write_log({"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
+                           "tokens_per_s": tokens_per_step / dt})
+    if world.main:
+        log.close()
+        print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")
+    world.close()
 
 if __name__ == "__main__":
     main()

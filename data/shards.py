@@ -182,17 +182,24 @@ class TokenLoader:
             raise ValueError(f"loader state names shard {state['shard']}, but there are {len(self.files)}")
         self.shard, self.pos = state["shard"], state["pos"]
 
-    def next_batch(self):
-        """Return x, y: int64 arrays of shape (B, T), y is x shifted left by one token."""
+    def skip(self):
+        """Move past the next batch without reading it (another process of a torchrun job reads it);
+        returns the (shard, position) where it starts."""
         n = self.B * self.T
         while self.pos + n + 1 > self.sizes[self.shard]:  # not enough left: next shard
             self.shard, self.pos = (self.shard + 1) % len(self.files), 0
+        self.pos += n
+        return self.shard, self.pos - n
+
+    def next_batch(self):
+        """Return x, y: int64 arrays of shape (B, T), y is x shifted left by one token."""
+        shard, pos = self.skip()
+        n = self.B * self.T
         # re-map per batch: a memmap held for a whole run grows resident memory (nanoGPT #287)
-        tokens = load_tokens(self.files[self.shard])
-        buf = np.array(tokens[self.pos:self.pos + n + 1], dtype=np.int64)
+        tokens = load_tokens(self.files[shard])
+        buf = np.array(tokens[pos:pos + n + 1], dtype=np.int64)
         x, y = buf[:-1].reshape(self.B, self.T), buf[1:].reshape(self.B, self.T)
         if self.masks is not None:
-            counted = load_tokens(self.masks[self.shard])[self.pos + 1:self.pos + n + 1].reshape(self.B, self.T)
+            counted = load_tokens(self.masks[shard])[pos + 1:pos + n + 1].reshape(self.B, self.T)
             y = np.where(counted == 1, y, -1)
-        self.pos += n
         return x, y

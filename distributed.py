@@ -1,0 +1,75 @@
+"""Data-parallel training under torchrun: one process per GPU (NCCL), or per CPU share (gloo).
+
+    torchrun --standalone --nproc_per_node=8 train.py ...
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python train.py` is a world of one process
+that never touches torch.distributed. train.py wraps the compiled model in DistributedDataParallel
+and uses the few collectives below: the step's counted targets and loss summed over the ranks, a
+stop signal seen by any rank, and the end of rank 0's last save (README, "Several GPUs").
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from settings import fail, pick_device
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+    distributed: bool = False  # launched by torchrun (even with one process)
+
+    @property
+    def main(self):  # rank 0 alone writes checkpoints and logs and shows the progress bar
+        return self.rank == 0
+
+    def reduce(self, value, op):
+        if not self.distributed:
+            return float(value)
+        total = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach().clone()
+        dist.all_reduce(total, op=op)
+        return total.item()
+
+    def sum(self, value):
+        """A number or a one-element tensor, summed over the ranks (a float on every rank)."""
+        return self.reduce(value, dist.ReduceOp.SUM)
+
+    def max(self, value):
+        return self.reduce(value, dist.ReduceOp.MAX)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def close(self):
+        if self.distributed:
+            dist.destroy_process_group()
+
+
+def start_world(device_name):
+    """(World, device): this process's rank and device. Under torchrun it joins the process group,
+    on the GPU of its LOCAL_RANK with NCCL, or on the CPU with gloo."""
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return World(device=str(device)), str(device)
+    rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        if device.index is not None:
+            fail(f"--device {device_name}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                 f"pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+        if local_rank >= torch.cuda.device_count():
+            fail(f"this node runs {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} processes but sees "
+                 f"{torch.cuda.device_count()} GPUs; lower --nproc-per-node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    elif device.type == "cpu":
+        dist.init_process_group("gloo")
+    else:
+        fail(f"torchrun trains on CUDA GPUs (NCCL) or on the CPU (gloo), not on {device.type}; "
+             f"pass --device cuda or --device cpu")
+    return World(rank, size, str(device), distributed=True), str(device)
