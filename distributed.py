@@ -73,3 +73,17 @@ def start_world(device_name):
         fail(f"torchrun trains on CUDA GPUs (NCCL) or on the CPU (gloo), not on {device.type}; "
              f"pass --device cuda or --device cpu")
     return World(rank, size, str(device), distributed=True), str(device)
+
+
+def check_world(checkpoint, config, world, path):
+    """A resume on another number of processes is exact when a step still reads the same
+    micro-batches (W x grad_accum of batch_size sequences); otherwise it is refused."""
+    saved_world, saved = checkpoint.get("world_size", 1), checkpoint["train_config"]
+    micro = saved_world * saved["grad_accum"]
+    if world.size == saved_world or (world.size * config.grad_accum, config.batch_size) == (micro, saved["batch_size"]):
+        return
+    fix = (f"pass --grad-accum {micro // world.size} --batch-size {saved['batch_size']}" if micro % world.size == 0 else
+           f"run {saved_world} processes, or a number that divides {micro}")
+    fail(f"cannot resume: {path} was trained on {saved_world} process(es) x --grad-accum {saved['grad_accum']} = {micro} "
+         f"micro-batches of {saved['batch_size']} per step; {world.size} x {config.grad_accum} of {config.batch_size} "
+         f"would read the data in another order. To continue exactly, {fix}")

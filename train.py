@@ -29,7 +29,7 @@ from attention import document_ids
 from data.shards import TokenLoader
 from data.shards import read_meta
 from checkpoint import load_checkpoint, save_checkpoint
-from distributed import start_world
+from distributed import check_world, start_world
 from model import GPT, GPTConfig
 from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_dtype,
                       value_type)
@@ -190,20 +190,6 @@ def make_checkpoint(raw_model, optimizer, config, meta, step, best_val, loader_s
             "world_size": world.size}
 
 
-def check_world(checkpoint, config, world, path):
-    """A resume on another number of processes is exact when a step still reads the same
-    micro-batches (W x grad_accum of batch_size sequences); otherwise it is refused."""
-    saved_world, saved = checkpoint.get("world_size", 1), checkpoint["train_config"]
-    micro = saved_world * saved["grad_accum"]
-    if world.size == saved_world or (world.size * config.grad_accum, config.batch_size) == (micro, saved["batch_size"]):
-        return
-    fix = (f"pass --grad-accum {micro // world.size} --batch-size {saved['batch_size']}" if micro % world.size == 0 else
-           f"run {saved_world} processes, or a number that divides {micro}")
-    fail(f"cannot resume: {path} was trained on {saved_world} process(es) x --grad-accum {saved['grad_accum']} = {micro} "
-         f"micro-batches of {saved['batch_size']} per step; {world.size} x {config.grad_accum} of {config.batch_size} "
-         f"would read the data in another order. To continue exactly, {fix}")
-
-
 def resume_checkpoint(config, model_values, meta, world):
     path = os.path.join(config.out_dir, "last.pt")
     try:
@@ -301,7 +287,7 @@ def main(argv=None):
     peak = peak_flops(device)
     peak = peak and peak * world.size
     if world.main:
-        processes = f" x {world.size} processes" if world.distributed else ""
+        processes = f" x {world.size} process{'es' if world.size > 1 else ''}" if world.distributed else ""
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
               f"| {device}{processes} {str(dtype).removeprefix('torch.')} compile {use_compile} | "
               f"{tokens_per_step} tokens/step")

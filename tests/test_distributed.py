@@ -180,3 +180,18 @@ def test_a_killed_rank_ends_the_job_nonzero_and_the_last_checkpoint_loads(data_d
     step = load_checkpoint(str(out_dir / "last.pt"))[1]["step"]
     one_process(data_dir, out_dir, *wide, "--grad-accum", "2", "--max-steps", str(step + 1), "--resume")
     assert torch.load(out_dir / "last.pt", weights_only=True)["step"] == step + 1
+
+
+def test_bench_torchrun_prints_plain_and_torchrun_side_by_side(data_dir, capsys):
+    import bench_torchrun
+    flags = ["--rounds", "1", "--steps", "4", "--skip", "1", "--", "--data", data_dir, *TINY]
+    assert bench_torchrun.main(flags) == 0
+    out = capsys.readouterr().out
+    assert out.count("| cpu float32") == 1 and out.count("| cpu x 1 process float32") == 1  # what train.py said
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("python train.py", "torchrun"))}
+    assert rows["python"][2] == "1" and float(rows["python"][3].replace(",", "")) > 0  # processes, tokens/s
+    assert rows["torchrun"][1] == "1" and float(rows["torchrun"][2].replace(",", "")) > 0
+    assert float(rows["torchrun"][-1]) > 0  # its ratio to plain
+    args = bench_torchrun.get_args(["--", "--data", data_dir, "--n-embd", "30"])
+    assert bench_torchrun.tokens_per_s(0, args) == (None, "error: n_embd 30 is not divisible by n_head 4; "
+                                                         "see python train.py --help")  # train.py's own line
