@@ -5,7 +5,8 @@
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python train.py` is a world of one process
 that never touches torch.distributed. train.py wraps the compiled model in DistributedDataParallel
 and uses the few collectives below: the step's counted targets and loss summed over the ranks, a
-stop signal seen by any rank, and the end of rank 0's last save (README, "Several GPUs").
+stop signal seen by any rank, and a barrier after the save of a stop. check_world says whether a
+checkpoint continues exactly on this many processes (README, "Several GPUs (torchrun)").
 """
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class World:
         return self.rank == 0
 
     def reduce(self, value, op):
+        """A number or a one-element tensor, reduced over the ranks with `op`: a float on every rank."""
         if not self.distributed:
             return float(value)
         total = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach().clone()
@@ -35,7 +37,6 @@ class World:
         return total.item()
 
     def sum(self, value):
-        """A number or a one-element tensor, summed over the ranks (a float on every rank)."""
         return self.reduce(value, dist.ReduceOp.SUM)
 
     def max(self, value):
@@ -51,11 +52,15 @@ class World:
 
 
 def start_world(device_name):
-    """(World, device): this process's rank and device. Under torchrun it joins the process group,
-    on the GPU of its LOCAL_RANK with NCCL, or on the CPU with gloo."""
+    """This process's rank and device. Under torchrun it joins the process group, on the GPU of its
+    LOCAL_RANK with NCCL, or on the CPU with gloo."""
     device = pick_device(device_name)
-    if "RANK" not in os.environ:
-        return World(device=str(device)), str(device)
+    launch = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k in os.environ]
+    if not launch:
+        return World(device=str(device))
+    if len(launch) < 3:
+        fail(f"the environment sets {', '.join(launch)} but not all of RANK, WORLD_SIZE and LOCAL_RANK; "
+             f"launch with torchrun, or unset them to train in one process")
     rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if device.type == "cuda":
         if device.index is not None:
@@ -72,7 +77,7 @@ def start_world(device_name):
     else:
         fail(f"torchrun trains on CUDA GPUs (NCCL) or on the CPU (gloo), not on {device.type}; "
              f"pass --device cuda or --device cpu")
-    return World(rank, size, str(device), distributed=True), str(device)
+    return World(rank, size, str(device), distributed=True)
 
 
 def check_world(checkpoint, config, world, path):

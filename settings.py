@@ -21,8 +21,15 @@ KINDS = {bool: "true or false", int: "a whole number", float: "a finite number",
 
 def fail(message):
     """Stop with one line on stderr and no traceback (exit status 2, as argparse)."""
-    print(f"error: {message}", file=sys.stderr)
+    if not quiet_rank():
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def quiet_rank():
+    """True on the ranks other than 0 of a torchrun job (train.py): they stop for the reasons rank 0
+    stops for, at the same point, and rank 0 alone says why."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
 
 
 def run_main(main):
@@ -51,11 +58,13 @@ class StopSignals:
 
     def handle(self, signum, frame):  # os.write: print() could land inside tqdm's own write to stderr
         if self.signum is not None and signum == signal.SIGINT:
-            os.write(2, f"\nstopped at once, {self.at_once}\n".encode())
+            if not quiet_rank():
+                os.write(2, f"\nstopped at once, {self.at_once}\n".encode())
             raise SystemExit(130)
         self.signum = signum
-        os.write(2, f"\n{signal.Signals(signum).name}: stopping {self.when} (Ctrl-C again: at once, "
-                    f"{self.at_once.split(';')[0]})\n".encode())
+        if not quiet_rank():
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping {self.when} (Ctrl-C again: at once, "
+                        f"{self.at_once.split(';')[0]})\n".encode())
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():

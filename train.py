@@ -61,7 +61,8 @@ class TrainConfig:
     doc_mask: bool = param(False, "document masking: attention and SSMax counts stay inside a document")
     eval_interval: int = param(50, "evaluate and checkpoint every this many steps", "[1, inf)")
     eval_batches: int = param(8, "validation batches per evaluation", "[1, inf)")
-    log_interval: int = param(10, "write a log.jsonl line every this many steps", "[1, inf)")
+    log_interval: int = param(10, "write a log.jsonl line (loss, gradient norm, lr, tokens/s) every this many steps",
+                              "[1, inf)")
 
     def __post_init__(self):
         check_fields(self)
@@ -235,7 +236,8 @@ def restore(checkpoint, optimizer, train_loader, device):
 
 def main(argv=None):
     config, model_values = parse_config(argv)
-    world, device = start_world(config.device)  # device: "cpu", "cuda", "cuda:1", "mps"
+    world = start_world(config.device)
+    device = world.device  # "cpu", "cuda", "cuda:1", "mps"
     dtype = pick_dtype(config.dtype, device, training=True)
     use_compile = config.compile if config.compile is not None else device.startswith("cuda")
     try:
@@ -270,8 +272,9 @@ def main(argv=None):
         if world.main:
             print(f"resuming from {config.out_dir}/last.pt at step {step}")
     model = torch.compile(raw_model) if use_compile else raw_model
-    # under torchrun: one gradient all-reduce per step, overlapped with the last micro-batch's backward
-    trained = DistributedDataParallel(model) if world.distributed else model
+    # under torchrun, DDP all-reduces the gradients in the step's last backward (around a compiled
+    # model, after it: the compiled backward hands DDP all its gradients at its end)
+    ddp_model = DistributedDataParallel(model) if world.distributed else model
     mixed = autocast(device, dtype)
 
     log = None
@@ -285,7 +288,8 @@ def main(argv=None):
     c = raw_model.config
     flops_per_token = 6 * raw_model.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * block_size
     peak = peak_flops(device)
-    peak = peak and peak * world.size
+    if peak:
+        peak *= world.size  # the job's GPUs
     if world.main:
         processes = f" x {world.size} process{'es' if world.size > 1 else ''}" if world.distributed else ""
         print(f"{raw_model.num_params() / 1e6:.2f}M parameters | attention {c.attention} (ssmax {c.ssmax}, rope {c.rope}) "
@@ -357,14 +361,14 @@ def main(argv=None):
             for i, ((x, y), count) in enumerate(zip(batches, counts)):
                 x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
                 # DDP all-reduces the gradients in the last micro-batch's backward only
-                with trained.no_sync() if world.distributed and i < len(batches) - 1 else nullcontext():
+                with ddp_model.no_sync() if world.distributed and i < len(batches) - 1 else nullcontext():
                     with mixed:
-                        _, loss = trained(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
+                        _, loss = ddp_model(x, y, doc=document_ids(x, eot) if config.doc_mask else None)
                     loss = loss * (world.size * count / counted)
                     loss.backward()
                 step_loss += loss.detach()
-            # the gradient's norm before clipping (logged; with --grad-clip 0 nothing is clipped)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
+            if config.grad_clip > 0:  # its norm before clipping goes in the log
+                grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip)
             loss_value = world.sum(step_loss) / world.size
             if not math.isfinite(loss_value):
                 abort(f"loss became {loss_value} at step {step}; stopping without saving. The last good "
@@ -380,8 +384,10 @@ def main(argv=None):
             bar.set_postfix(postfix)
             bar.update(1)
             if step % config.log_interval == 0:
-                write_log({"step": step, "loss": loss_value, "grad_norm": grad_norm.item(), "lr": lr,
-                           "tokens_per_s": tokens_per_step / dt})
+                record = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / dt}
+                if config.grad_clip > 0:
+                    record["grad_norm"] = grad_norm.item()
+                write_log(record)
     if world.main:
         log.close()
         print(f"done: step {step}, train loss {loss_value:.4f}, val loss {val_loss:.4f} -> {config.out_dir}/last.pt")

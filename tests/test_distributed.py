@@ -121,6 +121,13 @@ def test_two_processes_train_what_one_trains_with_twice_the_grad_accum(data_dir,
     assert abs(two["best_val_loss"] - one["best_val_loss"]) < 1e-5 * one["best_val_loss"]  # the val loss, averaged
 
 
+def test_bad_input_under_torchrun_is_one_line_from_rank_0(data_dir, tmp_path):
+    returncode, out = finish(torchrun(data_dir, tmp_path, "--resume"))
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert returncode != 0 and len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(f"error: cannot resume: no checkpoint at {tmp_path}/last.pt; train one with")
+
+
 @pytest.fixture(scope="module")
 def stopped(data_dir, tmp_path_factory):
     """A 2-process run (--grad-accum 1) that SIGTERM to rank 1 alone stopped; (folder, step, output)."""
