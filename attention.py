@@ -144,26 +144,36 @@ VARIANTS = {"nope": NoPE, "alibi": ALiBi, "bam": BAM, "scaleinv": ScaleInvariant
 ENGINES = ("auto", "sdpa", "flex", "chunked")
 
 
+# where contract_problem probes a score: the first positions, and the same distances far out (long
+# evaluation goes to hundreds of thousands of positions)
+PROBE_OFFSETS = (0, 8, 1_000, 10_000, 100_000, 1_000_000)
+
+
 def contract_problem(variant, n_head, n=8):
-    """How the variant breaks the prior contract (module docstring), or None: its score is probed on
-    random logits at (batch row 0, queries q, keys kv) and at (row 1, q + n, kv + n), the same
-    distances elsewhere, and must agree. A score that reads the batch row or an absolute position
-    (content, gates, progressive interpolation) would be right on flex and silently wrong on sdpa and
-    chunked, which share one bias over the batch and one table row per distance."""
+    """How the variant breaks the prior contract (module docstring), or None. Its score is probed on
+    random logits over an n x n block of queries q and keys kv, at positions 0..n-1 of batch row 0
+    with tables built for n distances, and at the same distances in batch row 1, shifted to every
+    offset of PROBE_OFFSETS, with tables built for 16 n: every probe must agree. A score that reads
+    the batch row or an absolute position (content, gates, progressive interpolation, tables that
+    change with the length) would be right on flex and silently wrong on sdpa and chunked, which
+    share one bias over the batch and one table row per distance, and in a KV cache."""
     q, kv = torch.arange(n)[:, None], torch.arange(n)[None, :]
     h = torch.arange(n_head)[:, None, None]
     s = torch.randn(n_head, n, n, generator=torch.Generator().manual_seed(0))
+    causal = (q >= kv).expand(n_head, n, n)
     try:
         with torch.no_grad():
-            tables = variant(2 * n, torch.device("cpu"))
-            here = variant.score(s, torch.tensor(0), h, q, kv, tables)
-            elsewhere = variant.score(s, torch.tensor(1), h, q + n, kv + n, tables)
+            here = torch.as_tensor(variant.score(s, torch.tensor(0), h, q, kv, variant(n, torch.device("cpu"))))
+            longer = variant(16 * n, torch.device("cpu"))
+            for offset in PROBE_OFFSETS:
+                elsewhere = torch.as_tensor(variant.score(s, torch.tensor(1), h, q + offset, kv + offset, longer))
+                if not torch.allclose(here.expand(n_head, n, n)[causal], elsewhere.expand(n_head, n, n)[causal],
+                                      rtol=1e-5, atol=1e-6):
+                    return (f"its score at positions {offset}..{offset + n - 1} differs from the same distances at "
+                            f"0..{n - 1}: it changes with the batch row, the absolute position or the length, not "
+                            f"only with the distance")
     except (IndexError, RuntimeError) as e:
-        return f"its score failed at batch row 1 or at positions {n}..{2 * n - 1} ({str(e).splitlines()[0]})"
-    causal = (q >= kv).expand(n_head, n, n)
-    here, elsewhere = torch.as_tensor(here).expand(n_head, n, n), torch.as_tensor(elsewhere).expand(n_head, n, n)
-    if not torch.allclose(here[causal], elsewhere[causal], rtol=1e-5, atol=1e-6):
-        return "its score changes with the batch row or the absolute position, not only with the distance"
+        return f"its score failed at batch row 1 or at positions beyond {n - 1} ({str(e).splitlines()[0]})"
     return None
 
 

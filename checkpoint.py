@@ -46,17 +46,21 @@ def upgraded_config(saved):
     return saved
 
 
-def load_checkpoint(path, device="cpu"):
-    """Load a checkpoint and rebuild its model. Returns (model, checkpoint dict)."""
+def load_checkpoint(path, device="cpu", runtime=None):
+    """Load a checkpoint and rebuild its model on `device`; runtime: settings of how the model runs, not
+    of what it computes (RUNTIME_FIELDS), that replace the checkpoint's before the model is built.
+    Every tensor is read to the CPU first: the random states stay there, where torch.set_rng_state
+    takes them, and the optimizer's state moves to its parameters' device when it is loaded.
+    Returns (model, checkpoint dict)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with python train.py --out-dir ...")
     try:
-        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         checkpoint["model_config"] = upgraded_config(checkpoint["model_config"])
         unknown = set(checkpoint["model_config"]) - {f.name for f in fields(GPTConfig)}
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
-        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model = GPT(GPTConfig(**checkpoint["model_config"] | (runtime or {})))
         model.load_state_dict(checkpoint["model"])
     except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -64,3 +68,37 @@ def load_checkpoint(path, device="cpu"):
             first_line = "not a PyTorch file of tensors and plain values"
         raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
     return model.to(device), checkpoint
+
+
+# ----------------------------------------------------------------------------------------
+# what --resume may change (README, "Stop and resume"). A resumed run takes its checkpoint's
+# settings, but for THIS_MACHINE's, which are the command's. A setting given again with another
+# value is applied from the resumed step on, and said, where RESUME_CHANGES lists it: how the run
+# executes, or its optimisation from here on. Any other change is refused with the reason below:
+# what the model is, or what decides the data it reads (train.py checks --batch-size and
+# --grad-accum with distributed.check_world, and --data by the data it holds).
+
+THIS_MACHINE = ("device", "dtype", "compile")
+RUNTIME_FIELDS = ("engine", "attn_block", "prior_grad")  # model settings of how it runs, not of what it computes
+RESUME_CHANGES = (*RUNTIME_FIELDS, "eval_interval", "eval_batches", "log_interval", "max_steps", "lr", "min_lr_ratio",
+                  "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+RESUME_REFUSES = {"seed": "the seed starts a run (its init); a resumed run continues its saved random state",
+                  "doc_mask": "it changes what the model attends to",
+                  "decay_embeddings": "it changes the optimizer's parameter groups"}
+CHECKED_ELSEWHERE = ("out_dir", "resume", *THIS_MACHINE, "data", "batch_size", "grad_accum")
+
+
+def resume_changes(checkpoint, given, path):
+    """{name: (saved, given)} for the settings `given` with another value than the checkpoint's run had,
+    where a resume may change them; raises ValueError, in one line, at the first one it may not."""
+    saved = checkpoint["train_config"] | checkpoint["model_config"]
+    changes = {}
+    for name, value in given.items():
+        if name in CHECKED_ELSEWHERE or saved.get(name) == value:
+            continue
+        if name not in RESUME_CHANGES:
+            why = RESUME_REFUSES.get(name, "the model was built with it")
+            raise ValueError(f"{path} was trained with {name}={saved.get(name)!r}, not {value!r}, and {why}; drop "
+                             f"the flag to continue, or start a new run in another --out-dir")
+        changes[name] = (saved.get(name), value)
+    return changes

@@ -6,7 +6,8 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python train.py` is a worl
 that never touches torch.distributed. train.py wraps the compiled model in DistributedDataParallel
 and uses the few collectives below: the step's counted targets and loss summed over the ranks, a
 stop signal seen by any rank, and a barrier after the save of a stop. check_world says whether a
-checkpoint continues exactly on this many processes (README, "Several GPUs (torchrun)").
+checkpoint continues exactly on this many processes, with this --batch-size and --grad-accum
+(README, "Several GPUs (torchrun)").
 """
 import os
 from dataclasses import dataclass
@@ -81,11 +82,11 @@ def start_world(device_name):
 
 
 def check_world(checkpoint, config, world, path):
-    """A resume on another number of processes is exact when a step still reads the same
+    """A resume, on this or another number of processes, is exact when a step still reads the same
     micro-batches (W x grad_accum of batch_size sequences); otherwise it is refused."""
     saved_world, saved = checkpoint.get("world_size", 1), checkpoint["train_config"]
     micro = saved_world * saved["grad_accum"]
-    if world.size == saved_world or (world.size * config.grad_accum, config.batch_size) == (micro, saved["batch_size"]):
+    if (world.size * config.grad_accum, config.batch_size) == (micro, saved["batch_size"]):
         return
     fix = (f"pass --grad-accum {micro // world.size} --batch-size {saved['batch_size']}" if micro % world.size == 0 else
            f"run {saved_world} processes, or a number that divides {micro}")

@@ -103,7 +103,8 @@ def attend(q, k, v, args, ssmax=None, q_offset=0):
     engine = choose_engine(args.engine, plain, q.device, B, H, Tq, k.shape[2], not torch.is_grad_enabled())
     variant, tables, doc = args.variant, args.tables, args.doc
     if args.derivatives is not None:  # the prior's and SSMax's gradients from one more attention pass
-        return attend_exact(q, k, v, variant, tables, args.derivatives, ssmax, doc, engine, args.block, args.block_mask)
+        return attend_exact(q, k, v, variant, tables, args.derivatives, ssmax, doc, engine, args.block, args.block_mask,
+                            q_offset)
     if engine == "flex":
         tables = {key: flex_capture(t) for key, t in tables.items()}
         ssmax = None if ssmax is None else flex_capture(ssmax)

@@ -97,14 +97,15 @@ def route_problem(variant, n_head):
     return None
 
 
-def attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask):
-    """(output, lse) of causal attention without KV cache, by flex or chunked. q may have a
-    multiple of k's heads: each group of consecutive query heads shares one key head."""
+def attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask, q_offset=0):
+    """(output, lse) of causal attention of q, the queries from position q_offset on, over every key,
+    by flex or chunked. q may have a multiple of k's heads: each group of consecutive query heads
+    shares one key head."""
     if engine == "flex":
         return flex_engine(q, k, v, score_mod, block_mask, return_lse=True, enable_gqa=q.shape[1] != k.shape[1])
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return chunked_attention(q, k, v, score_mod, doc, 0, block, return_lse=True)
+    return chunked_attention(q, k, v, score_mod, doc, q_offset, block, return_lse=True)
 
 
 def detached(t, engine):
@@ -113,10 +114,10 @@ def detached(t, engine):
 
 
 @torch.no_grad()
-def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, block, block_mask):
-    """W of the module docstring for each (H, n) table in `derivatives`: (B, H, G, T, D) in float32
-    (float64 for float64 inputs), with q the query as attention saw it (SSMax folded in) and score_mod
-    the one that made out and lse."""
+def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, block, block_mask, q_offset=0):
+    """W of the module docstring for each (H, n) table in `derivatives`: (B, H, G, Tq, D) in float32
+    (float64 for float64 inputs), with q the queries from position q_offset on as attention saw them
+    (SSMax folded in) and score_mod the one that made out and lse (it takes local query indices)."""
     B, H, T, D = q.shape
     dtype = torch.promote_types(out.dtype, torch.float32)
     g = torch.stack(derivatives, dim=1)  # (H, G, n)
@@ -128,21 +129,22 @@ def gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, blo
     log_r = log_r.flatten(0, 1)  # (H * G, n)
 
     def stacked_score(s, b, h, q_idx, kv):  # query head h is quantity h % G of head h // G
-        return score_mod(s, b, h // G, q_idx, kv) + log_r[h, distance(q_idx, kv)]
+        return score_mod(s, b, h // G, q_idx, kv) + log_r[h, distance(q_idx + q_offset, kv)]
 
     spread_out, spread_lse = attend_with_lse(q.repeat_interleave(G, dim=1), k, v, stacked_score,
-                                             engine, doc, block, block_mask)
+                                             engine, doc, block, block_mask, q_offset)
     rho = torch.exp(spread_lse.view(B, H, G, T, 1) - lse.view(B, H, 1, T, 1))  # rows with no weight: 0
     o = out.to(dtype)[:, :, None]
     spread = torch.where(rho > 0, rho * (spread_out.to(dtype).view(B, H, G, T, D) - o), 0.0)
     # the diagonal: P_ii = exp(L_ii - lse_i), L_ii from the same score function at q = kv = i
-    i = torch.arange(T, device=q.device)
-    s_diag = (q.to(dtype) * k.to(dtype)).sum(-1) / math.sqrt(D)
+    i = torch.arange(T, device=q.device)  # local query index; its key is at q_offset + i
+    k_diag, v_diag = k[:, :, q_offset:].to(dtype), v[:, :, q_offset:].to(dtype)  # (B, H, T, D)
+    s_diag = (q.to(dtype) * k_diag).sum(-1) / math.sqrt(D)
     logit_diag = score_mod(s_diag, torch.arange(B, device=q.device)[:, None, None],
-                           torch.arange(H, device=q.device)[None, :, None], i, i)
+                           torch.arange(H, device=q.device)[None, :, None], i, i + q_offset)
     p_diag = torch.exp(logit_diag - lse)[:, :, None, :, None]  # (B, H, 1, T, 1)
     to_diag = (g[..., :1] - sign * m)[None, :, :, :, None]  # (1, H, G, 1, 1)
-    return sign[None, ..., None] * spread + to_diag * p_diag * (v.to(dtype) - out.to(dtype))[:, :, None]
+    return sign[None, ..., None] * spread + to_diag * p_diag * (v_diag - out.to(dtype))[:, :, None]
 
 
 class AttachGradients(torch.autograd.Function):
@@ -168,27 +170,28 @@ class AttachGradients(torch.autograd.Function):
         return grad_out, None, grad_c, None, None, *grad_thetas
 
 
-def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, block, block_mask):
-    """Causal attention as attention.attend gives it (flex or chunked, no KV cache), with the
-    gradients of the prior's parameters and of the SSMax factor from the route above.
-    derivatives: derivative_tables(variant, ...)."""
+def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, block, block_mask, q_offset=0):
+    """Causal attention as model.attend gives it (flex or chunked, no KV cache: q_offset > 0 when
+    only the last queries are computed), with the gradients of the prior's parameters and of the
+    SSMax factor from the route above. derivatives: derivative_tables(variant, ...)."""
     if not variant.additive:
         raise ValueError(f"the exact prior-gradient route cannot take {type(variant).__name__}: "
                          f"{route_problem(variant, q.shape[1])}; use attention.attend")
     B, H, T, _ = q.shape
+    Tk = k.shape[2]
     if engine == "flex" and block_mask is None:
-        block_mask = flex_block_mask(B, T, T, 0, doc, q.device)
+        block_mask = flex_block_mask(B, T, Tk, q_offset, doc, q.device)
     tables = {key: detached(t, engine) for key, t in tables.items()}
     c = None if ssmax is None else detached(ssmax, engine)
-    with_c = make_score_mod(variant, tables, c, 0)
+    with_c = make_score_mod(variant, tables, c, q_offset)
 
     def score_mod(s, b, h, q_idx, kv):  # (S + f) c = (c q).k / sqrt(d) + f c: c is folded into q
         return s + with_c(0.0, b, h, q_idx, kv)
 
     if ssmax is not None:
         q = q * ssmax[..., None].to(q.dtype)  # the S part of the SSMax gradient flows through here
-    out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask)
-    f = prior_table(variant, tables, H, T)
+    out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, block, block_mask, q_offset)
+    f = prior_table(variant, tables, H, Tk)
     c_trained = ssmax is not None and ssmax.requires_grad and f is not None
     if not derivatives and not c_trained:
         return out
@@ -198,7 +201,7 @@ def attend_exact(q, k, v, variant, tables, derivatives, ssmax, doc, engine, bloc
     theta_slots = tuple(0 if g is None else int(with_f) + sum(o is not None for _, o in derivatives[:n])
                         for n, (_, g) in enumerate(derivatives))
     weights = gradient_weights(q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), score_mod,
-                               [f] * with_f + others, engine, doc, block, block_mask)
+                               [f] * with_f + others, engine, doc, block, block_mask, q_offset)
     # kept for the backward in out's dtype (bf16: float32's range), or in float32 where out is fp16
     weights = weights.to(torch.float32 if out.dtype == torch.float16 else out.dtype)
     return AttachGradients.apply(out, weights, ssmax, 0 if c_trained else None, theta_slots,

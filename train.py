@@ -26,9 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attention import document_ids
-from data.shards import TokenLoader
-from data.shards import read_meta
-from checkpoint import load_checkpoint, save_checkpoint
+from data.shards import TokenLoader, data_fingerprint, read_meta
+from checkpoint import RUNTIME_FIELDS, THIS_MACHINE, load_checkpoint, resume_changes, save_checkpoint
 from distributed import check_world, start_world
 from model import GPT, GPTConfig
 from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_dtype,
@@ -68,9 +67,9 @@ class TrainConfig:
         check_fields(self)
 
 
-RUNTIME_FIELDS = {"engine", "attn_block", "prior_grad"}  # may differ on resume: they do not change the model
 MODEL_FLAGS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 SETTINGS = {f.name: f for f in fields(TrainConfig) + tuple(MODEL_FLAGS)}
+MODEL_NAMES = {f.name for f in MODEL_FLAGS}
 
 
 # ----------------------------------------------------------------------------------------
@@ -114,18 +113,17 @@ def read_config_file(path):
 
 
 def parse_config(argv):
-    """Returns (TrainConfig, model settings given explicitly by the file or the flags)."""
+    """Returns (TrainConfig, the settings given explicitly by the file or the flags)."""
     args = vars(build_parser().parse_args(argv))
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
     train_names = {f.name for f in fields(TrainConfig)}
     try:
         config = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
-        model_values = {k: v for k, v in values.items() if k not in train_names}
-        GPTConfig(**model_values)  # validate before anything runs
+        GPTConfig(**{k: v for k, v in values.items() if k not in train_names})  # validate before anything runs
     except ValueError as e:  # the settings that only fit together (n_embd and n_head)
         fail(f"{e}; see python train.py --help")
-    return config, model_values
+    return config, values
 
 
 # ----------------------------------------------------------------------------------------
@@ -181,50 +179,59 @@ def read_step_share(loader, world, grad_accum):
 # ----------------------------------------------------------------------------------------
 # checkpoints and resume
 
-def make_checkpoint(raw_model, optimizer, config, meta, step, best_val, loader_state, world):
+def make_checkpoint(raw_model, optimizer, config, data, step, best_val, loader_state, world):
     rng = {"cpu": torch.get_rng_state()}
     if world.device.startswith("cuda"):
         rng["cuda"] = torch.cuda.get_rng_state(world.device)
     return {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": meta,
-            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng,
-            "world_size": world.size}
+            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": data["meta"], "data": data,
+            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng, "world_size": world.size}
 
 
-def resume_checkpoint(config, model_values, meta, world):
+def resume_run(config, given, world):
+    """(config, model, checkpoint, changes) of a run resumed from out_dir/last.pt: the checkpoint's
+    settings, this command's THIS_MACHINE ones, and those given again where a resume may change them
+    (checkpoint.resume_changes: changes, {name: (saved, given)}); any other change stops it, in one line."""
     path = os.path.join(config.out_dir, "last.pt")
     try:
-        model, checkpoint = load_checkpoint(path, world.device)
+        model, checkpoint = load_checkpoint(path, world.device, {k: v for k, v in given.items() if k in RUNTIME_FIELDS})
+        changes = resume_changes(checkpoint, given, path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot resume: {e}")
+    train_names = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in checkpoint["train_config"].items() if k in train_names}
+    config = TrainConfig(**saved | {k: getattr(config, k) for k in ("out_dir", "resume", *THIS_MACHINE)}
+                         | {k: v for k, v in given.items() if k in train_names})
     check_world(checkpoint, config, world, path)
-    saved = checkpoint["model_config"]
-    for name, value in model_values.items():
-        if name not in RUNTIME_FIELDS and saved.get(name) != value:
-            fail(f"cannot resume: {path} was trained with {name}={saved.get(name)!r}, not {value!r}; "
-                 f"drop the flag or use another --out-dir")
-    for name in RUNTIME_FIELDS & set(model_values):
-        setattr(model.config, name, model_values[name])
-    if checkpoint["meta"].get("tokenizer") != meta.get("tokenizer") or checkpoint["meta"].get("vocab_size") != meta.get("vocab_size"):
-        fail(f"cannot resume: {path} was trained on {checkpoint['meta'].get('tokenizer')} tokens, "
-             f"but {config.data} holds {meta.get('tokenizer')} tokens")
-    return model, checkpoint
+    if config.data != saved["data"]:  # the same data in another folder, or not
+        try:
+            same = data_fingerprint(config.data) == checkpoint.get("data")
+        except (FileNotFoundError, ValueError) as e:
+            fail(f"cannot resume: {e}")
+        if not same:
+            fail(f"cannot resume: {path} was trained on the data in {saved['data']}, and {config.data} holds other data "
+                 f"(meta.json, shard names or sizes differ); drop --data to continue, or start a new run in another --out-dir")
+        changes["data"] = (saved["data"], config.data)
+    return config, model, checkpoint, changes
 
 
-def start_model(config, model_values, meta, world):
-    """(model, checkpoint): the checkpoint's model with --resume, else a new one (checkpoint None)."""
-    if config.resume:
-        return resume_checkpoint(config, model_values, meta, world)
+def start_model(config, given, meta, world):
+    """A new model of the given settings, on the world's device."""
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
     try:
-        return GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(world.device), None
+        return GPT(GPTConfig(vocab_size=vocab_size, **{k: v for k, v in given.items() if k in MODEL_NAMES})).to(world.device)
     except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
         fail(str(e))
 
 
-def restore(checkpoint, optimizer, train_loader, device):
-    """The optimizer, data position and random state of a checkpoint; returns its (step, best val loss)."""
+def restore(checkpoint, optimizer, config, train_loader, device):
+    """The optimizer, data position and random state of a checkpoint, with the config's AdamW settings
+    (a resume may change them); returns its (step, best val loss)."""
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # load_state_dict brought the saved ones back
+        group["betas"] = (config.beta1, config.beta2)
+        if group["weight_decay"]:  # the decayed group (GPT.param_groups), whatever --weight-decay was
+            group["weight_decay"] = config.weight_decay
     train_loader.load_state_dict(checkpoint["loader"])
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
@@ -235,19 +242,27 @@ def restore(checkpoint, optimizer, train_loader, device):
 # ----------------------------------------------------------------------------------------
 
 def main(argv=None):
-    config, model_values = parse_config(argv)
+    config, given = parse_config(argv)
     world = start_world(config.device)
+    checkpoint, changes = None, {}
+    if config.resume:
+        config, raw_model, checkpoint, changes = resume_run(config, given, world)
     device = world.device  # "cpu", "cuda", "cuda:1", "mps"
     dtype = pick_dtype(config.dtype, device, training=True)
     use_compile = config.compile if config.compile is not None else device.startswith("cuda")
     try:
-        meta = read_meta(config.data)
+        meta, data = read_meta(config.data), data_fingerprint(config.data)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
+    if checkpoint is not None and (checkpoint["meta"].get("tokenizer"), checkpoint["meta"].get("vocab_size")) != \
+            (meta.get("tokenizer"), meta.get("vocab_size")):
+        fail(f"cannot resume: {config.out_dir}/last.pt was trained on {checkpoint['meta'].get('tokenizer')} tokens, "
+             f"but {config.data} holds {meta.get('tokenizer')} tokens")
     eot = meta["eot_token"]
 
     torch.manual_seed(config.seed)
-    raw_model, checkpoint = start_model(config, model_values, meta, world)
+    if checkpoint is None:
+        raw_model = start_model(config, given, meta, world)
     block_size = raw_model.config.block_size
     try:
         train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
@@ -262,7 +277,7 @@ def main(argv=None):
                                   fused=device.startswith("cuda"))
     step, best_val = 0, float("inf")
     if checkpoint is not None:
-        step, best_val = restore(checkpoint, optimizer, train_loader, device)
+        step, best_val = restore(checkpoint, optimizer, config, train_loader, device)
         if step >= config.max_steps:
             if world.main:
                 print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
@@ -270,7 +285,8 @@ def main(argv=None):
             world.close()
             return
         if world.main:
-            print(f"resuming from {config.out_dir}/last.pt at step {step}")
+            print(f"resuming from {config.out_dir}/last.pt at step {step}" + ("; changed: " + ", ".join(
+                f"{name} {old} -> {new}" for name, (old, new) in changes.items()) if changes else ""))
     model = torch.compile(raw_model) if use_compile else raw_model
     # under torchrun, DDP all-reduces the gradients in the step's last backward (around a compiled
     # model, after it: the compiled backward hands DDP all its gradients at its end)
@@ -282,6 +298,8 @@ def main(argv=None):
         try:
             os.makedirs(config.out_dir, exist_ok=True)
             log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+            if changes:  # what this resume changed, from its step on
+                log.write(json.dumps({"step": step, "resumed_with": {k: list(v) for k, v in changes.items()}}) + "\n")
         except OSError as e:
             fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
     tokens_per_step = config.batch_size * block_size * config.grad_accum * world.size
@@ -303,7 +321,7 @@ def main(argv=None):
     def save(name):  # at a step boundary, with the data position of that boundary (the same on every rank)
         if not world.main:
             return
-        checkpoint = make_checkpoint(raw_model, optimizer, config, meta, step, best_val, step_start, world)
+        checkpoint = make_checkpoint(raw_model, optimizer, config, data, step, best_val, step_start, world)
         try:
             save_checkpoint(checkpoint, os.path.join(config.out_dir, name))
         except OSError as e:  # a full disk, a read-only folder: save_checkpoint left the previous file as it was

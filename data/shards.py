@@ -138,6 +138,13 @@ def read_meta(folder):
     return meta
 
 
+def data_fingerprint(folder):
+    """What tells one prepared dataset from another without reading its tokens: its meta.json and
+    every shard's name and size (a resume compares it when --data names another folder)."""
+    files = glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, LOSS_MASK_DIR, "*.bin"))
+    return {"meta": read_meta(folder), "shards": {os.path.relpath(f, folder): os.path.getsize(f) for f in sorted(files)}}
+
+
 def tokenizer_from_meta(meta):
     """The tokenizer a prepared dataset was made with (a words dataset records its word list)."""
     return get_tokenizer(meta["tokenizer"], meta.get("ranks_file"), meta.get("words"))

@@ -323,3 +323,50 @@ def test_a_score_that_is_not_affine_in_s_runs_through_the_score_function():
         with torch.no_grad():
             got = attend(q, k, v, AttentionArgs(var, var(130, "cpu"), doc=doc, engine=engine, block=48))
         assert (got.double() - want).abs().max() < 2e-5, engine
+
+
+def indexed_attention(q, k, v, prior, scale, ssmax, doc, q_offset):
+    """What chunked.toeplitz_attention computes, by plain indexing in float64: logits
+    c_i (a[h, t] S_ij + f[h, t]), t = i - j, over the whole Tq x Tk matrix, causal and inside documents."""
+    B, H, Tq, D = q.shape
+    i, j = torch.arange(Tq)[:, None] + q_offset, torch.arange(k.shape[2])[None, :]
+    t = (i - j).clamp(min=0)
+    logits = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
+    if scale is not None:
+        logits = logits * scale.double()[:, t]
+    if prior is not None:
+        logits = logits + prior.double()[:, t]
+    if ssmax is not None:
+        logits = logits * ssmax.double()[..., None]
+    mask = (i >= j)[None, None]
+    if doc is not None:
+        mask = mask & (doc[:, i] == doc[:, j])[:, None]
+    return torch.softmax(torch.where(mask, logits, float("-inf")), dim=-1) @ v.double()
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 4, 12])
+@pytest.mark.parametrize("kind", ["none", "additive", "affine"])
+@pytest.mark.parametrize("use_ssmax, use_doc", [(False, False), (True, False), (False, True), (True, True)])
+def test_toeplitz_views_equal_plain_indexing(H, kind, use_ssmax, use_doc):
+    """The inference tiles' as_strided views of the distance tables against the tables indexed
+    entry by entry: odd lengths and tiles, a batch of 3, queries at the end of the keys, and
+    inputs laid out as the model gives them (q, k, v permuted views of one projection; tables
+    that are transposed or expanded views)."""
+    from chunked import toeplitz_attention
+    gen = torch.Generator().manual_seed(H)
+    B, D = 3, 8
+    for Tk, q_offset, block in ((1, 0, 5), (37, 0, 7), (37, 36, 5), (129, 0, 64), (129, 50, 33), (301, 0, 1000)):
+        Tq = Tk - q_offset
+        qkv = torch.randn(B, Tk, 3, H, D, generator=gen, dtype=torch.float64)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, Tk, D), not contiguous
+        q = q[:, :, q_offset:]
+        prior = None if kind == "none" else -torch.rand(Tk, H, generator=gen, dtype=torch.float64).cumsum(0).T
+        scale = None if kind != "affine" else (1 + torch.rand(Tk, generator=gen, dtype=torch.float64)).expand(H, Tk)
+        doc = torch.sort(torch.randint(0, 4, (B, Tk), generator=gen), dim=1).values if use_doc else None
+        scale_h = 0.5 + torch.rand(H, generator=gen, dtype=torch.float64)  # SSMax: one row for the batch without documents
+        ssmax = ssmax_factor(scale_h, B, Tq, q_offset, doc) if use_ssmax else None
+        want = indexed_attention(q, k, v, prior, scale, ssmax, doc, q_offset)
+        with torch.no_grad():
+            got = toeplitz_attention(q, k, v, prior, scale, ssmax, doc, q_offset, block)
+        err = (got - want).abs().max().item()
+        assert got.shape == (B, H, Tq, D) and err < 1e-10, f"Tk={Tk} q_offset={q_offset} block={block}: max error {err}"

@@ -113,26 +113,29 @@ def test_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, T):
 
 
 @pytest.mark.parametrize("use_doc", [False, True])
-@pytest.mark.parametrize("T", [1, 130, 300])
-def test_flex_runs_the_passes_as_chunked_does(use_doc, T):
-    """The route's forward passes through flex (eager on the CPU, GQA-stacked heads) equal chunked's."""
+@pytest.mark.parametrize("T, q_offset", [(1, 0), (130, 0), (300, 0), (130, 129), (300, 77)])
+def test_flex_runs_the_passes_as_chunked_does(use_doc, T, q_offset):
+    """The route's forward passes through flex (eager on the CPU, GQA-stacked heads) equal chunked's,
+    for every query or for the queries from q_offset on."""
     var = make_variant("bam")
     torch.manual_seed(1)
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64) for _ in range(3))
+    q = q[:, :, q_offset:]
     doc = documents(T, use_doc)
-    c = ssmax_factor(torch.linspace(0.8, 1.5, H, dtype=torch.float64), B, T, 0, doc)
+    c = ssmax_factor(torch.linspace(0.8, 1.5, H, dtype=torch.float64), B, T - q_offset, q_offset, doc)
     tables = {key: t.detach() for key, t in var(T, "cpu").items()}
-    with_c = make_score_mod(var, tables, c, 0)
+    with_c = make_score_mod(var, tables, c, q_offset)
 
     def score_mod(s, b, h, q_idx, kv):
         return s + with_c(0.0, b, h, q_idx, kv)
 
     derivatives = [prior_table(var, tables, H, T)] + [g for _, g in derivative_tables(var, H, T, "cpu")]
-    mask = flex_block_mask(B, T, T, 0, doc, "cpu")
+    mask = flex_block_mask(B, T - q_offset, T, q_offset, doc, "cpu")
     results = []
     for engine in ("flex", "chunked"):
-        out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, 64, mask)
-        results.append((out, lse, gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, 64, mask)))
+        out, lse = attend_with_lse(q, k, v, score_mod, engine, doc, 64, mask, q_offset)
+        results.append((out, lse, gradient_weights(q, k, v, out, lse, score_mod, derivatives, engine, doc, 64, mask,
+                                                   q_offset)))
     for a, b in zip(*results):
         assert torch.isfinite(a).all() and torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
@@ -223,3 +226,32 @@ def test_fp16_outputs_stay_finite_where_c_times_w_passes_fp16s_range():
     assert (y.float() - plain.float()).abs().max() < 3e-2 * plain.float().abs().max()
     grads = torch.autograd.grad((y.float() * 1e-4).sum(), [scale, *var.parameters()])
     assert all(torch.isfinite(g).all() and g.abs().max() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("logits_at", [None, [40, 97, 149]])
+@pytest.mark.parametrize("use_doc", [False, True])
+def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries(monkeypatch, logits_at, use_doc):
+    """model(idx) with gradients on and no targets (the logits of the last position, or of
+    logits_at: a user differentiating a logit): the last layer computes its queries from the first
+    scored position on, and the route must give them their true positions. The logits and every
+    gradient equal the sdpa engine's."""
+    calls = []
+    monkeypatch.setattr(model_module, "attend_exact", lambda *args, **kw: calls.append(1) or attend_exact(*args, **kw))
+    idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
+    idx[:, 60] = 0
+    doc = torch.cumsum(idx == 0, dim=1) if use_doc else None
+    at = None if logits_at is None else torch.tensor(logits_at)
+    results = []
+    for engine in ("chunked", "sdpa"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(attention="bam", n_layer=2, n_head=H, n_embd=H * D, vocab_size=64, engine=engine,
+                              attn_block=64, prior_grad="passes")).double()
+        with torch.no_grad():
+            model.positional[0].theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]))
+        logits = model(idx, doc=doc, logits_at=at)[0]
+        (logits * torch.cos(logits)).sum().backward()
+        results.append([logits] + [p.grad for p in model.parameters()])
+    assert len(calls) == 2  # both layers of the chunked model took the route
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert all(p.grad.abs().min() > 0 for p in model.positional.parameters())

@@ -137,7 +137,30 @@ class Progressive(NoPE):
         return s - (q - kv) / (q + 1)
 
 
-@pytest.mark.parametrize("cls", [BatchRow, ContentGate, Progressive])
+class CappedProgressive(NoPE):
+    """FIRE's progressive interpolation with its threshold L = 64: the distance divided by
+    max(L, query position), a function of the distance alone up to position 64."""
+
+    @staticmethod
+    def score(s, b, h, q, kv, tables):
+        return s - (q - kv) / torch.clamp(q, min=64)
+
+
+class LengthScaled(NoPE):
+    """A prior over the distance relative to the length it is built for: its table at a given
+    distance changes with the sequence, so a KV cache's earlier positions saw another prior."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.n_head = config.n_head
+
+    def forward(self, n, device):
+        return {"prior": (-torch.arange(n, dtype=torch.float32, device=device) / n).expand(self.n_head, n)}
+
+    score = staticmethod(prior_score)
+
+
+@pytest.mark.parametrize("cls", [BatchRow, ContentGate, Progressive, CappedProgressive, LengthScaled])
 def test_a_score_beyond_head_and_distance_is_refused_in_one_line(cls, monkeypatch, capsys, data_dir, tmp_path):
     monkeypatch.setitem(VARIANTS, "odd", cls)
     with pytest.raises(ValueError) as e:
