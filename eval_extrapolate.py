@@ -31,7 +31,7 @@ from memory import check_memory
 from checkpoint import load_checkpoint, save_json
 from retrieval import answer_logits, judge, niah_sample, passkey_sample
 from settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
-from sweep import accuracy_grid, checkpoint_digest, finished_sweep, print_grid, print_losses, save_heatmap
+from sweep import accuracy_grid, content_digest, finished_sweep, print_grid, print_losses, save_heatmap
 
 # -----------------------------------------------------------------------------
 # the loss by position
@@ -158,14 +158,16 @@ def parse_args(argv):
                    help="query tile of the chunked engine; memory ~ 5 x heads x block x length bytes (default: 512)")
     p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),
                    help="memory budget for the pre-run check (default: the device's free memory)")
-    p.add_argument("--out", type=output_file, help="results JSON (default: eval_<task>.json next to the checkpoint; "
-                                 "a heatmap .png goes next to it when matplotlib is installed); written after "
-                                 "every finished (length, depth) cell")
+    p.add_argument("--out", type=output_file, help="results JSON (default: eval_<task>_<checkpoint name>.json next to "
+                                 "the checkpoint, e.g. eval_passkey_best.json; a heatmap .png goes next to it when "
+                                 "matplotlib is installed); written after every finished (length, depth) cell")
     p.add_argument("--resume", action="store_true",
                    help="continue the sweep stopped in --out (SIGTERM, Ctrl-C, a crash), keeping its finished cells; "
-                        "refused unless the checkpoint and every other setting are the same")
+                        "refused unless the checkpoint, --data and --haystack (by content) and every other setting "
+                        "are the same")
     args = p.parse_args(argv)
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}.json")
+    ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]  # best.pt and last.pt of a run: two files
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}_{ckpt_name}.json")
     if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
     return args
@@ -289,19 +291,23 @@ def evaluate(args, save=None, stop=None):
     enc = tokenizer_from_meta(checkpoint["meta"])
     model.eval()
     model.config.engine, model.config.attn_block = args.engine, args.attn_block
+    inputs = {"ckpt_sha256": content_digest(args.ckpt)}  # what a resumed sweep must read again
     if args.task == "loss":
         folder = args.data or checkpoint.get("train_config", {}).get("data")
         files, sizes = val_split(folder, checkpoint["meta"]["tokenizer"], max(n for _, n in lengths))
         doc_mask = checkpoint.get("train_config", {}).get("doc_mask", False)
         args.doc_eot = checkpoint["meta"]["eot_token"] if doc_mask else None
+        masks = [m for m in (os.path.join(folder, LOSS_MASK_DIR, os.path.basename(f)) for f in files) if os.path.exists(m)]
+        inputs["data_sha256"] = content_digest(os.path.join(folder, "meta.json"), *files, *masks)
     else:
         cells = build_cells(model, enc, lengths, depths, args)
+        if args.haystack:
+            inputs["haystack_sha256"] = content_digest(args.haystack)
     check_memory(model, lengths, args, device)
     torch_dtype = pick_dtype(args.dtype, device)
     ctx, dtype = autocast(device, torch_dtype), str(torch_dtype).removeprefix("torch.")
     settings = dict({k: v for k, v in vars(args).items() if k != "resume"}, dtype=dtype, block_size=block_size,
-                    attention=model.config.attention, step=checkpoint.get("step"), lengths=lengths,
-                    ckpt_sha256=checkpoint_digest(args.ckpt))
+                    attention=model.config.attention, step=checkpoint.get("step"), lengths=lengths, **inputs)
     done = finished_sweep(args.out, settings) if args.resume else None
 
     def evaluation(results, summary, complete):

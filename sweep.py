@@ -4,19 +4,25 @@ An evaluation sweep that survives a stop, and its reports.
 eval_extrapolate.py scores cells, a (length, depth) pair of prompts, or one length of loss windows,
 and writes its results file after each finished cell, atomically, marked "complete": false until
 the last. --resume reads that file back and continues, keeping the finished cells, but only when
-the checkpoint (its SHA-256) and every setting that can change a result are those of the file.
+the checkpoint, the data and the haystack (by content: SHA-256) and every setting that can change
+a result are those of the file.
 """
 import hashlib
 import json
 
-# settings that say where things are or bound memory: they cannot change a result
-NOT_COMPARED = ("ckpt", "out", "max_memory_gb")
+# settings that say where things are or bound memory: they cannot change a result (the files that
+# ckpt, data and haystack name are compared by their content_digest)
+NOT_COMPARED = ("ckpt", "out", "max_memory_gb", "data", "haystack")
 
 
-def checkpoint_digest(path):
-    """SHA-256 of the checkpoint file: a retrained or overwritten checkpoint is another model."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+def content_digest(*paths):
+    """SHA-256 of the files' contents, in order: a retrained checkpoint, a remade dataset or an edited
+    haystack is another input, the same files moved or copied are not."""
+    digests = []
+    for path in paths:
+        with open(path, "rb") as f:
+            digests.append(hashlib.file_digest(f, "sha256").hexdigest())
+    return digests[0] if len(digests) == 1 else hashlib.sha256(" ".join(digests).encode()).hexdigest()
 
 
 def finished_sweep(path, settings):
@@ -32,7 +38,8 @@ def finished_sweep(path, settings):
     old, new = saved.get("settings", {}), json.loads(json.dumps(settings))  # as JSON gives them back
     for key in sorted((set(old) | set(new)) - set(NOT_COMPARED)):
         if old.get(key) != new.get(key):
-            what = "the checkpoint's SHA-256" if key == "ckpt_sha256" else key
+            what = {"ckpt_sha256": "the checkpoint's SHA-256", "data_sha256": "the SHA-256 of --data's val split",
+                    "haystack_sha256": "the SHA-256 of --haystack"}.get(key, key)
             raise ValueError(f"cannot resume {path}: it was made with {what} = {old.get(key)!r}, this run has "
                              f"{new.get(key)!r}; give the same checkpoint and settings, or run without --resume "
                              f"to start over")

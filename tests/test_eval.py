@@ -372,10 +372,10 @@ def test_passkey_run_writes_table_and_json(tmp_path, capsys):
     assert "passkey accuracy" in out and "4x (512)" in out and "1000 (1000)" in out
     try:
         import matplotlib  # noqa: F401
-        assert (tmp_path / "eval_passkey.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (tmp_path / "eval_passkey_ckpt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     except ImportError:
         assert "heatmap skipped: matplotlib is not installed" in out
-    result = json.loads((tmp_path / "eval_passkey.json").read_text())
+    result = json.loads((tmp_path / "eval_passkey_ckpt.json").read_text())
     assert len(result["results"]) == 2 * 2 * 2
     assert set(result["summary"]) == {"0.0", "1.0", "all"}
     first = result["results"][0]
@@ -413,7 +413,7 @@ def test_patience_stops_the_sweep_after_lengths_at_zero(tmp_path, capsys):
                    "--patience", "2"]) == 0
     out = capsys.readouterr().out
     assert "6x: skipped" in out and "7x: skipped" in out
-    result = json.loads((tmp_path / "eval_passkey.json").read_text())
+    result = json.loads((tmp_path / "eval_passkey_ckpt.json").read_text())
     assert sorted({r["label"] for r in result["results"]}) == ["4x", "5x"]
     assert "6x" not in result["summary"]["all"]
 
@@ -436,7 +436,7 @@ def test_loss_task(tmp_path, capsys):
     write_meta(str(data), tokenizer="bytes", vocab_size=257, eot_token=256)
     ckpt = save_tiny(tmp_path / "ckpt.pt", train_config={"data": str(data)})  # the default --data
     assert E.main(["--ckpt", ckpt, "--task", "loss", "--lengths", "1x,3000", "--samples", "3"]) == 0
-    result = json.loads((tmp_path / "eval_loss.json").read_text())
+    result = json.loads((tmp_path / "eval_loss_ckpt.json").read_text())
     assert [r["start"] for r in result["results"][3:]] == np.linspace(0, len(tokens) - 3001, 3).round().tolist()
     one, long = result["summary"]
     assert list(long["buckets"]) == ["[0,1x)", "[1x,2x)", "[2x,4x)", "[4x,8x)", "[8x,16x)", "[16x,32x)"]
@@ -466,7 +466,7 @@ def test_loss_task_scores_only_the_masked_tokens(tmp_path, capsys):
     with torch.no_grad():
         losses = E.position_losses(tiny_model(), torch.from_numpy(tokens))
     expected = losses[torch.from_numpy(mask[1:]).bool()].mean().item()  # position i predicts token i + 1
-    assert abs(json.loads((tmp_path / "eval_loss.json").read_text())["summary"][0]["loss"] - expected) < 1e-5
+    assert abs(json.loads((tmp_path / "eval_loss_ckpt.json").read_text())["summary"][0]["loss"] - expected) < 1e-5
 
 
 def test_loss_task_masks_documents_when_the_checkpoint_was_trained_so(tmp_path, capsys):
@@ -488,5 +488,5 @@ def test_loss_task_masks_documents_when_the_checkpoint_was_trained_so(tmp_path, 
     for doc_mask in (True, False):
         ckpt = save_tiny(tmp_path / f"{doc_mask}.pt", model, train_config={"data": str(data), "doc_mask": doc_mask})
         assert E.main(["--ckpt", ckpt, "--task", "loss", "--lengths", "300", "--samples", "1"]) == 0
-        got = json.loads((tmp_path / "eval_loss.json").read_text())["summary"][0]["loss"]
+        got = json.loads((tmp_path / f"eval_loss_{doc_mask}.json").read_text())["summary"][0]["loss"]
         assert abs(got - want[doc_mask]) < 1e-5, doc_mask

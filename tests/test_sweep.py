@@ -3,6 +3,7 @@ boundary, --resume that recomputes nothing finished and refuses another checkpoi
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,3 +133,51 @@ def test_a_stopped_loss_sweep_resumes_length_by_length(tmp_path, monkeypatch):
     assert E.main(argv + ["--resume"]) == 0
     assert len(calls) == 4  # the two unfinished lengths only
     assert without_timings(out) == never_stopped
+
+
+def test_each_checkpoint_of_a_run_has_its_own_results(tmp_path, capsys):
+    """best.pt and last.pt in one folder: each evaluation writes its own file, and a --resume of
+    one never continues the other's."""
+    best, last = save_tiny(tmp_path / "best.pt"), save_tiny(tmp_path / "last.pt", seed=1)
+    argv = ["--task", "passkey", "--lengths", "400", "--depths", "0", "--samples", "1", "--device", "cpu"]
+    for ckpt, name in ((best, "best"), (last, "last")):
+        assert E.main(["--ckpt", ckpt, *argv]) == 0
+        assert f"wrote {tmp_path}/eval_passkey_{name}.json" in capsys.readouterr().out
+    for name in ("best", "last"):
+        assert json.loads((tmp_path / f"eval_passkey_{name}.json").read_text())["settings"]["ckpt"].endswith(f"{name}.pt")
+    assert E.main(["--ckpt", last, *argv, "--out", str(tmp_path / "eval_passkey_best.json"), "--resume"]) == 2
+    assert "SHA-256" in capsys.readouterr().err
+
+
+def test_resume_compares_data_and_haystack_by_content_not_path(tmp_path, capsys):
+    """The same --haystack file or --data folder moved elsewhere continues a sweep; the same path
+    with other content is refused in one line."""
+    ckpt = save_tiny(tmp_path / "ckpt.pt")
+    haystack, moved = tmp_path / "book.txt", tmp_path / "moved.txt"
+    haystack.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 40)
+    out = tmp_path / "niah.json"
+    niah = ["--ckpt", ckpt, "--task", "niah", "--lengths", "600", "--depths", "0,1", "--samples", "1",
+            "--device", "cpu", "--out", str(out)]
+    assert E.main(niah + ["--haystack", str(haystack)]) == 0
+    moved.write_bytes(haystack.read_bytes())
+    assert E.main(niah + ["--haystack", str(moved), "--resume"]) == 0
+    haystack.write_text("Call me Ishmael. Some years ago, never mind how long precisely. " * 40)
+    capsys.readouterr()
+    assert E.main(niah + ["--haystack", str(haystack), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the SHA-256 of --haystack" in err, err
+
+    data, copy = tmp_path / "data", tmp_path / "copy"
+    data.mkdir()
+    write_meta(str(data), **META)
+    write_shard(str(data / "val_000.bin"), torch.randint(0, 256, (3000,)).numpy())
+    out = tmp_path / "loss.json"
+    loss = ["--ckpt", ckpt, "--task", "loss", "--lengths", "200", "--samples", "1", "--device", "cpu", "--out", str(out)]
+    assert E.main(loss + ["--data", str(data)]) == 0
+    shutil.copytree(data, copy)
+    assert E.main(loss + ["--data", str(copy), "--resume"]) == 0
+    write_shard(str(data / "val_000.bin"), torch.randint(0, 256, (3000,)).numpy())  # remade in place
+    capsys.readouterr()
+    assert E.main(loss + ["--data", str(data), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the SHA-256 of --data's val split" in err, err
