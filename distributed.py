@@ -10,12 +10,14 @@ checkpoint continues exactly on this many processes, with this --batch-size and 
 (README, "Several GPUs (torchrun)").
 """
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from settings import fail, pick_device
+from settings import Failure, fail, pick_device, rank_prefix
 
 
 @dataclass
@@ -42,6 +44,37 @@ class World:
 
     def max(self, value):
         return self.reduce(value, dist.ReduceOp.MAX)
+
+    def each(self, value):
+        """Every rank's number, as a list of floats indexed by rank (one all-reduce)."""
+        if not self.distributed:
+            return [float(value)]
+        values = torch.zeros(self.size, dtype=torch.float64, device=self.device)
+        values[self.rank] = value
+        dist.all_reduce(values)
+        return values.tolist()
+
+    @contextmanager
+    def one_voice(self):
+        """A stretch of code that may stop (settings.fail) on some ranks only: its data or checkpoint
+        missing on one node, its GPU without bfloat16. At its end every rank learns whether any
+        stopped, and then all stop. Rank 0 has said its reason; a rank whose reason rank 0 did not
+        have says it too, after its rank: an error every rank shares is said once."""
+        if not self.distributed:
+            yield
+            return
+        reason = None
+        try:
+            yield
+        except Failure as e:
+            reason = e.message
+        reasons = [None] * self.size
+        dist.all_gather_object(reasons, reason)
+        if any(r is not None for r in reasons):
+            if reason is not None and reason != reasons[0]:
+                print(f"error: {rank_prefix()}{reason}", file=sys.stderr, flush=True)
+            self.close()
+            sys.exit(2)
 
     def barrier(self):
         if self.distributed:

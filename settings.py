@@ -19,17 +19,38 @@ import torch
 KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
 
 
+class Failure(SystemExit):
+    """fail()'s exit (status 2, as argparse), carrying its message: under torchrun,
+    distributed.World.one_voice gathers the ranks' messages."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.message = message
+
+
 def fail(message):
-    """Stop with one line on stderr and no traceback (exit status 2, as argparse)."""
+    """Stop with one line on stderr and no traceback. Under torchrun rank 0 alone says it here: the
+    ranks mostly stop for the same reasons at the same point; World.one_voice lets another rank say
+    a reason of its own."""
     if not quiet_rank():
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise Failure(message)
+
+
+def rank():
+    """This process's rank in a torchrun job (train.py), None outside one."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else None
 
 
 def quiet_rank():
-    """True on the ranks other than 0 of a torchrun job (train.py): they stop for the reasons rank 0
-    stops for, at the same point, and rank 0 alone says why."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0
+    """True on the ranks other than 0 of a torchrun job."""
+    return rank() not in (None, 0)
+
+
+def rank_prefix():
+    """'rank 3: ' before what a rank other than 0 says; nothing on rank 0 or in a single process."""
+    return f"rank {rank()}: " if quiet_rank() else ""
 
 
 def run_main(main):
@@ -57,9 +78,8 @@ class StopSignals:
         return self
 
     def handle(self, signum, frame):  # os.write: print() could land inside tqdm's own write to stderr
-        if self.signum is not None and signum == signal.SIGINT:
-            if not quiet_rank():
-                os.write(2, f"\nstopped at once, {self.at_once}\n".encode())
+        if self.signum is not None and signum == signal.SIGINT:  # under torchrun each rank stopped so says it
+            os.write(2, f"\n{rank_prefix()}stopped at once, {self.at_once}\n".encode())
             raise SystemExit(130)
         self.signum = signum
         if not quiet_rank():

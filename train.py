@@ -244,40 +244,52 @@ def restore(checkpoint, optimizer, config, train_loader, device):
 def main(argv=None):
     config, given = parse_config(argv)
     world = start_world(config.device)
-    checkpoint, changes = None, {}
-    if config.resume:
-        config, raw_model, checkpoint, changes = resume_run(config, given, world)
-    device = world.device  # "cpu", "cuda", "cuda:1", "mps"
-    dtype = pick_dtype(config.dtype, device, training=True)
-    use_compile = config.compile if config.compile is not None else device.startswith("cuda")
-    try:
-        meta, data = read_meta(config.data), data_fingerprint(config.data)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if checkpoint is not None and (checkpoint["meta"].get("tokenizer"), checkpoint["meta"].get("vocab_size")) != \
-            (meta.get("tokenizer"), meta.get("vocab_size")):
-        fail(f"cannot resume: {config.out_dir}/last.pt was trained on {checkpoint['meta'].get('tokenizer')} tokens, "
-             f"but {config.data} holds {meta.get('tokenizer')} tokens")
-    eot = meta["eot_token"]
+    # everything before the first step; a rank that stops here alone says why (World.one_voice)
+    with world.one_voice():
+        checkpoint, changes = None, {}
+        if config.resume:
+            config, raw_model, checkpoint, changes = resume_run(config, given, world)
+        device = world.device  # "cpu", "cuda", "cuda:1", "mps"
+        dtype = pick_dtype(config.dtype, device, training=True)
+        use_compile = config.compile if config.compile is not None else device.startswith("cuda")
+        try:
+            meta, data = read_meta(config.data), data_fingerprint(config.data)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        if checkpoint is not None and (checkpoint["meta"].get("tokenizer"), checkpoint["meta"].get("vocab_size")) != \
+                (meta.get("tokenizer"), meta.get("vocab_size")):
+            fail(f"cannot resume: {config.out_dir}/last.pt was trained on {checkpoint['meta'].get('tokenizer')} tokens, "
+                 f"but {config.data} holds {meta.get('tokenizer')} tokens")
+        eot = meta["eot_token"]
 
-    torch.manual_seed(config.seed)
-    if checkpoint is None:
-        raw_model = start_model(config, given, meta, world)
-    block_size = raw_model.config.block_size
-    try:
-        train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
-        val_loader = TokenLoader(config.data, "val", config.batch_size, block_size)
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    if raw_model.config.engine == "flex" and not device.startswith("cuda"):
-        fail("the flex engine has no backward off CUDA; train with --engine sdpa, chunked or auto")
+        torch.manual_seed(config.seed)
+        if checkpoint is None:
+            raw_model = start_model(config, given, meta, world)
+        block_size = raw_model.config.block_size
+        try:
+            train_loader = TokenLoader(config.data, "train", config.batch_size, block_size)
+            val_loader = TokenLoader(config.data, "val", config.batch_size, block_size)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+        if raw_model.config.engine == "flex" and not device.startswith("cuda"):
+            fail("the flex engine has no backward off CUDA; train with --engine sdpa, chunked or auto")
 
-    optimizer = torch.optim.AdamW(raw_model.param_groups(config.weight_decay, config.decay_embeddings),
-                                  lr=config.lr, betas=(config.beta1, config.beta2),
-                                  fused=device.startswith("cuda"))
-    step, best_val = 0, float("inf")
+        optimizer = torch.optim.AdamW(raw_model.param_groups(config.weight_decay, config.decay_embeddings),
+                                      lr=config.lr, betas=(config.beta1, config.beta2),
+                                      fused=device.startswith("cuda"))
+        step, best_val = 0, float("inf")
+        if checkpoint is not None:
+            step, best_val = restore(checkpoint, optimizer, config, train_loader, device)
+        log = None
+        if world.main and step < config.max_steps:  # a resume may have nothing to do
+            try:
+                os.makedirs(config.out_dir, exist_ok=True)
+                log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
+                if changes:  # what this resume changed, from its step on
+                    log.write(json.dumps({"step": step, "resumed_with": {k: list(v) for k, v in changes.items()}}) + "\n")
+            except OSError as e:
+                fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
     if checkpoint is not None:
-        step, best_val = restore(checkpoint, optimizer, config, train_loader, device)
         if step >= config.max_steps:
             if world.main:
                 print(f"nothing to do: {config.out_dir}/last.pt is at step {step} and --max-steps is {config.max_steps}; "
@@ -293,15 +305,6 @@ def main(argv=None):
     ddp_model = DistributedDataParallel(model) if world.distributed else model
     mixed = autocast(device, dtype)
 
-    log = None
-    if world.main:
-        try:
-            os.makedirs(config.out_dir, exist_ok=True)
-            log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
-            if changes:  # what this resume changed, from its step on
-                log.write(json.dumps({"step": step, "resumed_with": {k: list(v) for k, v in changes.items()}}) + "\n")
-        except OSError as e:
-            fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
     tokens_per_step = config.batch_size * block_size * config.grad_accum * world.size
     c = raw_model.config
     flops_per_token = 6 * raw_model.num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * block_size
@@ -345,14 +348,17 @@ def main(argv=None):
             tqdm(total=config.max_steps, initial=step, desc="train", dynamic_ncols=True, disable=not world.main) as bar:
         while True:
             last_step = step == config.max_steps
-            stop_signal = int(world.max(stop.signum or 0))  # a signal to any rank stops every rank here
+            signals = world.each(stop.signum or 0)  # a signal to any rank stops every rank here
+            stop_signal = int(max(signals))
             if stop_signal and not last_step:
                 save("last.pt")
                 world.barrier()  # no rank ends (and makes torchrun stop the others) before last.pt is written
                 bar.close()
                 if world.main:
+                    sent_to = [str(r) for r, signum in enumerate(signals) if signum]
                     print(f"stopped by {signal.Signals(stop_signal).name} at step {step}; saved "
-                          f"{config.out_dir}/last.pt (continue with --resume)")
+                          f"{config.out_dir}/last.pt (continue with --resume)"
+                          + ("" if signals[0] else f"; the signal reached rank {', '.join(sent_to)}"), flush=True)
                 world.close()
                 sys.exit(128 + stop_signal)
             if last_step or step % config.eval_interval == 0 and step > 0:  # evaluate and save; at the end, always

@@ -20,6 +20,8 @@ TINY = ["--device", "cpu", "--n-layer", "2", "--n-head", "2", "--n-embd", "32", 
         "--batch-size", "4", "--eval-batches", "3", "--log-interval", "1", "--warmup-steps", "2",
         "--lr-decay-steps", "1000"]  # a schedule that does not depend on --max-steps: runs of any length compare
 
+HANG = 900  # seconds after which a job that has not ended counts as hung: the waits below are for events, not time
+
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc (Linux)")
 
 
@@ -32,22 +34,23 @@ def data_dir(tmp_path_factory):
     return str(out)
 
 
-def torchrun(data_dir, out_dir, *flags):
+def torchrun(data_dir, out_dir, *flags, env=None):
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", "--data", data_dir, "--out-dir", str(out_dir), *TINY, *flags],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=None if env is None else dict(os.environ, **env))
 
 
 def one_process(data_dir, out_dir, *flags):
     train.main(["--data", data_dir, "--out-dir", str(out_dir), *TINY, *flags])
 
 
-def finish(proc, timeout=120):
+def finish(proc):
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, _ = proc.communicate(timeout=HANG)
     except subprocess.TimeoutExpired:
         end_job(proc)
-        pytest.fail(f"the job did not end in {timeout} s (a rank hangs): {proc.communicate()[0][-3000:]}")
+        pytest.fail(f"the job did not end in {HANG} s (a rank hangs): {proc.communicate()[0][-3000:]}")
     return proc.returncode, out
 
 
@@ -80,18 +83,23 @@ def writing_checkpoint(pid, folder):
     return any(p.startswith(str(folder)) and ".pt" in os.path.basename(p) for p in paths)
 
 
-def wait_for(proc, done, what, timeout=120):
-    deadline = time.time() + timeout
+def wait_for(proc, done, what, poll=0.05):
+    """Until done() is true: the job ending first, or not ending in HANG seconds, fails the test."""
+    deadline = time.time() + HANG
     while not done():
         if proc.poll() is not None or time.time() > deadline:
             end_job(proc)
             pytest.fail(f"no {what}: {proc.communicate()[0][-3000:]}")
-        time.sleep(0.001)
+        time.sleep(poll)
 
 
 def log_lines(out_dir):
+    """The records of log.jsonl written so far (a line still being written is not one yet)."""
     path = os.path.join(out_dir, "log.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
 
 
 def assert_same_training(a_dir, b_dir, rtol=1e-5, atol=1e-7):
@@ -128,6 +136,25 @@ def test_bad_input_under_torchrun_is_one_line_from_rank_0(data_dir, tmp_path):
     assert errors[0].startswith(f"error: cannot resume: no checkpoint at {tmp_path}/last.pt; train one with")
 
 
+def test_a_failure_on_one_rank_alone_is_said_by_that_rank(data_dir, tmp_path):
+    """Rank 1 alone does not find the data (as on a node without the shared folder): it says so,
+    after its rank, and every rank stops."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':  # this rank's node lacks the data\n"
+        "    import data.shards as shards\n"
+        "    original = shards.read_meta\n"
+        "    shards.read_meta = lambda folder: original(os.path.join(folder, 'not-on-this-node'))\n")
+    returncode, out = finish(torchrun(data_dir, tmp_path / "out", "--max-steps", "2",
+                                      env={"PYTHONPATH": os.pathsep.join([str(hook), ROOT])}))
+    errors = [line for line in out.splitlines() if "error:" in line]
+    assert returncode != 0 and len(errors) == 1, out[-3000:]
+    assert errors[0].startswith(f"error: rank 1: no prepared dataset in {data_dir}/not-on-this-node"), errors
+    assert not os.path.exists(tmp_path / "out" / "last.pt")
+
+
 @pytest.fixture(scope="module")
 def stopped(data_dir, tmp_path_factory):
     """A 2-process run (--grad-accum 1) that SIGTERM to rank 1 alone stopped; (folder, step, output)."""
@@ -139,6 +166,7 @@ def stopped(data_dir, tmp_path_factory):
     assert returncode != 0, out[-3000:]  # torchrun passes the ranks' 143 on as a failure
     step = torch.load(out_dir / "last.pt", weights_only=True)["step"]
     assert step >= 2 and out.count(f"stopped by SIGTERM at step {step}; saved") == 1, out[-3000:]
+    assert "the signal reached rank 1" in out  # rank 0 says who was stopped from outside
     assert {r["step"] for r in log_lines(out_dir) if "loss" in r} == set(range(1, step + 1))  # every rank stopped there
     return out_dir, step, out
 
@@ -177,7 +205,7 @@ def test_a_killed_rank_ends_the_job_nonzero_and_the_last_checkpoint_loads(data_d
     proc = torchrun(data_dir, out_dir, *wide, "--max-steps", "100000")
     wait_for(proc, lambda: len(log_lines(out_dir)) >= 6, "checkpoints")
     if rank == 0:
-        wait_for(proc, lambda: writing_checkpoint(rank_pid(proc, 0), out_dir), "checkpoint write")
+        wait_for(proc, lambda: writing_checkpoint(rank_pid(proc, 0), out_dir), "checkpoint write", poll=0.001)
     os.kill(rank_pid(proc, rank), signal.SIGKILL)
     returncode, out = finish(proc)
     assert returncode != 0, out[-3000:]
