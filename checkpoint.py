@@ -1,12 +1,13 @@
 """
 Checkpoints and results: plain tensors and dicts, written atomically (a temporary file, flushed, then
-renamed), and loaded with torch.load(..., weights_only=True), so nothing in a file is executed.
+renamed), and loaded with torch.load(..., weights_only=True), so nothing in a file is executed. What a
+training checkpoint holds, how a run restores it, and what --resume may change.
 """
 import json
 import os
 import pickle
 import struct
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 
@@ -35,6 +36,32 @@ def save_checkpoint(checkpoint, path):
 def save_json(value, path):
     """Results as JSON, written atomically like checkpoints."""
     atomic_write(path, lambda f: f.write(json.dumps(value, indent=1).encode()))
+
+
+def make_checkpoint(raw_model, optimizer, config, data, step, best_val, loader_state, world):
+    """What train.py saves at a step boundary: the model and its config, the optimizer, the run's
+    settings, the data (data.shards.data_fingerprint), the data position, the random states and the
+    number of processes."""
+    rng = {"cpu": torch.get_rng_state()}
+    if world.device.startswith("cuda"):
+        rng["cuda"] = torch.cuda.get_rng_state(world.device)
+    return {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
+            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": data["meta"], "data": data,
+            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng, "world_size": world.size}
+
+
+def restore(checkpoint, optimizer, config, train_loader, device):
+    """The optimizer, data position and random state of a checkpoint, with the config's AdamW settings
+    (a resume may change them); returns its (step, best val loss)."""
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # load_state_dict brought the saved ones back
+        group["betas"] = (config.beta1, config.beta2)
+    optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # the decayed group (GPT.param_groups)
+    train_loader.load_state_dict(checkpoint["loader"])
+    torch.set_rng_state(checkpoint["rng"]["cpu"])
+    if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
+    return checkpoint["step"], checkpoint["best_val_loss"]
 
 
 def upgraded_config(saved):

@@ -100,8 +100,8 @@ def plan_runs(args):
                         "--eval-interval", str(max(1, args.steps // 3)), "--qk-norm" if args.qk_norm else "--no-qk-norm",
                         *VARIANT_FLAGS[variant], *SSMAX_FLAGS[ssmax], "--seed", str(seed)]
                 argv += ["--config", args.config] if args.config else []
-                config, model_values = train.parse_config(argv)
-                settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "resume")} | model_values
+                config, given = train.parse_config(argv)
+                settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "resume")} | given
                 digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
                 folder = os.path.join(args.out_dir, "runs", f"{variant}-ssmax_{ssmax}-seed{seed}-{digest}")
                 runs.append({"name": f"{variant} ssmax {ssmax} seed {seed}", "variant": variant, "ssmax": ssmax,

@@ -167,7 +167,8 @@ def parse_args(argv):
                         "are the same")
     args = p.parse_args(argv)
     ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]  # best.pt and last.pt of a run: two files
-    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), f"eval_{args.task}_{ckpt_name}.json")
+    args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
+                                        f"eval_{args.task}_{ckpt_name}.json")
     if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
     return args

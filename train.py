@@ -19,7 +19,7 @@ import sys
 import time
 import tomllib
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from attention import document_ids
 from data.shards import TokenLoader, data_fingerprint, read_meta
-from checkpoint import RUNTIME_FIELDS, THIS_MACHINE, load_checkpoint, resume_changes, save_checkpoint
+from checkpoint import (RUNTIME_FIELDS, THIS_MACHINE, load_checkpoint, make_checkpoint, restore, resume_changes,
+                        save_checkpoint)
 from distributed import check_world, start_world
 from model import GPT, GPTConfig
 from settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_dtype,
@@ -38,7 +39,9 @@ from settings import (Parser, StopSignals, autocast, check, check_fields, fail, 
 class TrainConfig:
     data: str = param("data/synthetic", "prepared data folder (train_*.bin, val_*.bin, meta.json)")
     out_dir: str = param("out", "folder for checkpoints (last.pt, best.pt) and log.jsonl")
-    resume: bool = param(False, "continue from out_dir/last.pt exactly where it stopped")
+    resume: bool = param(False, "continue from out_dir/last.pt exactly where it stopped, with its settings; a flag "
+                         "given again with another value is applied and said, or refused (README, \"Changing a flag "
+                         "on resume\")")
     device: str = param("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = param("auto", "auto | float32 | bfloat16 (auto: bfloat16 on CUDA where supported)",
                        choices=("auto", "float32", "bfloat16"))
@@ -70,6 +73,7 @@ class TrainConfig:
 MODEL_FLAGS = [f for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 SETTINGS = {f.name: f for f in fields(TrainConfig) + tuple(MODEL_FLAGS)}
 MODEL_NAMES = {f.name for f in MODEL_FLAGS}
+TRAIN_NAMES = {f.name for f in fields(TrainConfig)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -117,10 +121,9 @@ def parse_config(argv):
     args = vars(build_parser().parse_args(argv))
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
-    train_names = {f.name for f in fields(TrainConfig)}
     try:
-        config = TrainConfig(**{k: v for k, v in values.items() if k in train_names})
-        GPTConfig(**{k: v for k, v in values.items() if k not in train_names})  # validate before anything runs
+        config = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_NAMES})
+        GPTConfig(**{k: v for k, v in values.items() if k in MODEL_NAMES})  # validate before anything runs
     except ValueError as e:  # the settings that only fit together (n_embd and n_head)
         fail(f"{e}; see python train.py --help")
     return config, values
@@ -179,15 +182,6 @@ def read_step_share(loader, world, grad_accum):
 # ----------------------------------------------------------------------------------------
 # checkpoints and resume
 
-def make_checkpoint(raw_model, optimizer, config, data, step, best_val, loader_state, world):
-    rng = {"cpu": torch.get_rng_state()}
-    if world.device.startswith("cuda"):
-        rng["cuda"] = torch.cuda.get_rng_state(world.device)
-    return {"model": raw_model.state_dict(), "model_config": asdict(raw_model.config),
-            "optimizer": optimizer.state_dict(), "train_config": asdict(config), "meta": data["meta"], "data": data,
-            "step": step, "best_val_loss": best_val, "loader": loader_state, "rng": rng, "world_size": world.size}
-
-
 def resume_run(config, given, world):
     """(config, model, checkpoint, changes) of a run resumed from out_dir/last.pt: the checkpoint's
     settings, this command's THIS_MACHINE ones, and those given again where a resume may change them
@@ -198,10 +192,9 @@ def resume_run(config, given, world):
         changes = resume_changes(checkpoint, given, path)
     except (FileNotFoundError, ValueError) as e:
         fail(f"cannot resume: {e}")
-    train_names = {f.name for f in fields(TrainConfig)}
-    saved = {k: v for k, v in checkpoint["train_config"].items() if k in train_names}
+    saved = {k: v for k, v in checkpoint["train_config"].items() if k in TRAIN_NAMES}
     config = TrainConfig(**saved | {k: getattr(config, k) for k in ("out_dir", "resume", *THIS_MACHINE)}
-                         | {k: v for k, v in given.items() if k in train_names})
+                         | {k: v for k, v in given.items() if k in TRAIN_NAMES})
     check_world(checkpoint, config, world, path)
     if config.data != saved["data"]:  # the same data in another folder, or not
         try:
@@ -209,8 +202,9 @@ def resume_run(config, given, world):
         except (FileNotFoundError, ValueError) as e:
             fail(f"cannot resume: {e}")
         if not same:
-            fail(f"cannot resume: {path} was trained on the data in {saved['data']}, and {config.data} holds other data "
-                 f"(meta.json, shard names or sizes differ); drop --data to continue, or start a new run in another --out-dir")
+            fail(f"cannot resume: {path} was trained on the data in {saved['data']}, and {config.data} holds other "
+                 f"data (meta.json, shard names or sizes differ); drop --data to continue, or start a new run in "
+                 f"another --out-dir")
         changes["data"] = (saved["data"], config.data)
     return config, model, checkpoint, changes
 
@@ -219,24 +213,10 @@ def start_model(config, given, meta, world):
     """A new model of the given settings, on the world's device."""
     vocab_size = 64 * math.ceil(meta["vocab_size"] / 64)
     try:
-        return GPT(GPTConfig(vocab_size=vocab_size, **{k: v for k, v in given.items() if k in MODEL_NAMES})).to(world.device)
+        model_values = {k: v for k, v in given.items() if k in MODEL_NAMES}
+        return GPT(GPTConfig(vocab_size=vocab_size, **model_values)).to(world.device)
     except ValueError as e:  # a prior that breaks the contract (attention.contract_problem)
         fail(str(e))
-
-
-def restore(checkpoint, optimizer, config, train_loader, device):
-    """The optimizer, data position and random state of a checkpoint, with the config's AdamW settings
-    (a resume may change them); returns its (step, best val loss)."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:  # load_state_dict brought the saved ones back
-        group["betas"] = (config.beta1, config.beta2)
-        if group["weight_decay"]:  # the decayed group (GPT.param_groups), whatever --weight-decay was
-            group["weight_decay"] = config.weight_decay
-    train_loader.load_state_dict(checkpoint["loader"])
-    torch.set_rng_state(checkpoint["rng"]["cpu"])
-    if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
-        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    return checkpoint["step"], checkpoint["best_val_loss"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -286,7 +266,8 @@ def main(argv=None):
                 os.makedirs(config.out_dir, exist_ok=True)
                 log = open(os.path.join(config.out_dir, "log.jsonl"), "a")
                 if changes:  # what this resume changed, from its step on
-                    log.write(json.dumps({"step": step, "resumed_with": {k: list(v) for k, v in changes.items()}}) + "\n")
+                    resumed_with = {name: list(change) for name, change in changes.items()}
+                    log.write(json.dumps({"step": step, "resumed_with": resumed_with}) + "\n")
             except OSError as e:
                 fail(f"cannot write in --out-dir {config.out_dir}: {e.strerror or e}; choose another --out-dir")
     if checkpoint is not None:

@@ -9,7 +9,7 @@ import torch
 
 import model as model_module
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, restore
 from data import prepare
 from distributed import World
 
@@ -54,7 +54,7 @@ def test_a_checkpoint_resumes_on_another_device_with_its_random_state_on_the_cpu
     model.lm_head.weight = model.wte.weight  # .to("meta") makes new parameters and unties them; .to("cuda") keeps them
     optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay))
     loader = train.TokenLoader(config.data, "train", config.batch_size, model.config.block_size)
-    assert train.restore(checkpoint, optimizer, config, loader, "meta") == (2, checkpoint["best_val_loss"])
+    assert restore(checkpoint, optimizer, config, loader, "meta") == (2, checkpoint["best_val_loss"])
     assert all(s["exp_avg"].device.type == "meta" for s in optimizer.state.values())
     assert torch.equal(torch.get_rng_state(), checkpoint["rng"]["cpu"])
 
