@@ -31,19 +31,13 @@ class World:
     def main(self):  # rank 0 alone writes checkpoints and logs and shows the progress bar
         return self.rank == 0
 
-    def reduce(self, value, op):
-        """A number or a one-element tensor, reduced over the ranks with `op`: a float on every rank."""
+    def sum(self, value):
+        """A number or a one-element tensor, summed over the ranks: a float on every rank."""
         if not self.distributed:
             return float(value)
         total = torch.as_tensor(value, dtype=torch.float64, device=self.device).detach().clone()
-        dist.all_reduce(total, op=op)
+        dist.all_reduce(total)
         return total.item()
-
-    def sum(self, value):
-        return self.reduce(value, dist.ReduceOp.SUM)
-
-    def max(self, value):
-        return self.reduce(value, dist.ReduceOp.MAX)
 
     def each(self, value):
         """Every rank's number, as a list of floats indexed by rank (one all-reduce)."""
