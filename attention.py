@@ -20,8 +20,8 @@ own. The same function runs in three engines, which model.attend calls:
 
     sdpa     F.scaled_dot_product_attention (here): flash for plain causal attention, a computed
              additive bias for additive variants, explicit logits for the others (scaleinv)
-    flex     FlexAttention with a causal (+ document) block mask (flex.py); fused and compiled on CUDA
-    chunked  tiles on any device, memory linear in T (chunked.py): with autograd an online softmax
+    flex     FlexAttention with a causal (+ document) block mask (engines/flex.py); fused and compiled on CUDA
+    chunked  tiles on any device, memory linear in T (engines/chunked.py): with autograd an online softmax
              over query x key tiles; without, one fused sdpa call per query tile on a view of the tables
 
 SSMax (scalable softmax) multiplies any variant's logits by s_h * log(n_i) afterwards: a factor per
@@ -262,7 +262,7 @@ class AttentionArgs:
     """What a layer's attention call is given besides q, k, v and SSMax, made once per forward
     (model.GPT.attention_args): the variant and its tables, the document ids (B, Tk) or None, the
     engine, the chunked engine's tile size, flex's block mask (None: attend builds it) and, when
-    prior_grad.py's exact route trains the prior, its derivative tables."""
+    engines/prior_grad.py's exact route trains the prior, its derivative tables."""
     variant: nn.Module
     tables: dict
     doc: torch.Tensor | None = None

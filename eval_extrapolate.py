@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attention import document_ids
+from common.checkpoint import load_checkpoint, save_json
+from common.settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
+from common.sweep import accuracy_grid, content_digest, finished_sweep, print_grid, print_losses, save_heatmap
+from data.retrieval import answer_logits, judge, niah_sample, passkey_sample
 from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, tokenizer_from_meta
 from data.synthetic import CITIES
-from attention import document_ids
-from memory import check_memory
-from checkpoint import load_checkpoint, save_json
-from retrieval import answer_logits, judge, niah_sample, passkey_sample
-from settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
-from sweep import accuracy_grid, content_digest, finished_sweep, print_grid, print_losses, save_heatmap
+from engines.memory import check_memory
 
 # -----------------------------------------------------------------------------
 # the loss by position

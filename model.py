@@ -11,13 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from attention import (ENGINES, VARIANTS, AttentionArgs, affine_tables, apply_rotary, choose_engine, contract_problem,
-                       fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document, rotary_frequencies,
-                       sdpa_attention, ssmax_factor)
-from chunked import chunked_attention, toeplitz_attention
-from flex import flex_block_mask, flex_capture, flex_engine
-from prior_grad import attend_exact, derivative_tables, prior_repeats, route_problem
-from settings import check_fields, param
+import engines
+from attention import (ENGINES, VARIANTS, AttentionArgs, apply_rotary, choose_engine, contract_problem, fitted_rope_fraction,
+                       make_score_mod, plain_attention, positions_in_document, rotary_frequencies, sdpa_attention,
+                       ssmax_factor)
+from common.settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
 PRIOR_GRADS = ("auto", "passes", "table")
@@ -97,33 +95,14 @@ def attend(q, k, v, args, ssmax=None, q_offset=0):
     """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) as `args` (attention.AttentionArgs)
     says, with the SSMax factor ssmax (B, H, Tq) or None; q_offset: the absolute position of the first
     query (Tk - Tq with a KV cache). An 'auto' engine is resolved here (GPT.attention_args resolves
-    it once per forward); with derivative tables, prior_grad.py's exact route runs."""
+    it once per forward); sdpa runs here, flex, chunked and the exact route in engines/."""
     B, H, Tq, _ = q.shape
     plain = plain_attention(args.variant, ssmax is not None, args.doc is not None)
     engine = choose_engine(args.engine, plain, q.device, B, H, Tq, k.shape[2], not torch.is_grad_enabled())
-    variant, tables, doc = args.variant, args.tables, args.doc
-    if args.derivatives is not None:  # the prior's and SSMax's gradients from one more attention pass
-        return attend_exact(q, k, v, variant, tables, args.derivatives, ssmax, doc, engine, args.block, args.block_mask,
-                            q_offset)
-    if engine == "flex":
-        tables = {key: flex_capture(t) for key, t in tables.items()}
-        ssmax = None if ssmax is None else flex_capture(ssmax)
-    score_mod = make_score_mod(variant, tables, ssmax, q_offset)
-    if engine == "sdpa":
-        return sdpa_attention(q, k, v, variant, tables, score_mod, ssmax, doc, q_offset)
-    if engine == "chunked":
-        needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, ssmax, *tables.values()))
-        affine = None if needs_grad else affine_tables(variant, tables, H, k.shape[2], q.device)
-        if affine is not None:  # inference: the fused kernel on views of the tables
-            return toeplitz_attention(q, k, v, *affine, ssmax, doc, q_offset, args.block)
-        return chunked_attention(q, k, v, score_mod, doc, q_offset, args.block)
-    if engine == "flex":
-        block_mask = args.block_mask
-        if block_mask is None:
-            block_mask = flex_block_mask(B, Tq, k.shape[2], q_offset, doc, q.device)
-        return flex_engine(q, k, v, score_mod, block_mask)
-    raise ValueError(f"unknown attention engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine != "sdpa" or args.derivatives is not None:
+        return engines.attend(q, k, v, args, ssmax, q_offset, engine)
+    score_mod = make_score_mod(args.variant, args.tables, ssmax, q_offset)
+    return sdpa_attention(q, k, v, args.variant, args.tables, score_mod, ssmax, args.doc, q_offset)
 
 
 class CausalSelfAttention(nn.Module):
@@ -234,15 +213,15 @@ class GPT(nn.Module):
                              f"\"Adding a prior\": a score may depend on the logit, the head and the distance only)")
         self.exact_prior_grad = config.prior_grad != "table" and self.prior_route_ok()
         # the parameters whose derivative is the prior itself share its pass (prior_grad.prior_repeats)
-        self.prior_repeats = prior_repeats(self.positional[0], config.n_head) if self.exact_prior_grad else ()
+        self.prior_repeats = engines.prior_repeats(self.positional[0], config.n_head) if self.exact_prior_grad else ()
 
     def prior_route_ok(self):
-        """Whether prior_grad.py's exact route can give the trained positional parameters and the
+        """Whether engines/prior_grad.py's exact route can give the trained positional parameters and the
         SSMax scale their gradients; if it cannot, says why (they then go through the tables)."""
         variant, c = self.positional[0], self.config
         if not c.ssmax and not any(p.requires_grad for p in variant.parameters()):
             return False  # nothing trained: the plain path is the same
-        problem = route_problem(variant, c.n_head)
+        problem = engines.route_problem(variant, c.n_head)
         if problem:
             print(f"note: --prior-grad passes does not apply to {c.attention} ({problem}); its parameters and the "
                   f"SSMax scale get their gradient through the tables")
@@ -278,17 +257,17 @@ class GPT(nn.Module):
     def attention_args(self, B, T, n_keys, doc, device, queries_from=0):
         """Each layer's AttentionArgs, made once per forward, outside the layer loop (so torch.compile
         sees one graph): each prior's tables, the engine, flex's block mask, and the derivative tables
-        when prior_grad.py's exact route trains the prior (flex with --prior-grad auto or passes, chunked
+        when engines/prior_grad.py's exact route trains the prior (flex with --prior-grad auto or passes, chunked
         with passes; training only). The last layer's queries start at queries_from: its own engine."""
         c = self.config
         plain = plain_attention(self.positional[0], c.ssmax, doc is not None)
         inference = not torch.is_grad_enabled()
         engine = choose_engine(c.engine, plain, device, B, c.n_head, T, n_keys, inference)
-        block_mask = flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
+        block_mask = engines.flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
         exact = self.exact_prior_grad and not inference and n_keys == T and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
         shared = [AttentionArgs(p, p(n_keys, device), doc, engine, c.attn_block, block_mask,
-                                derivative_tables(p, c.n_head, n_keys, device, self.prior_repeats) if exact else None)
+                                engines.derivative_tables(p, c.n_head, n_keys, device, self.prior_repeats) if exact else None)
                   for p in self.positional]
         layers = [shared[i % len(shared)] for i in range(c.n_layer)]
         if queries_from:

@@ -5,9 +5,9 @@ Generate text from a trained checkpoint (with the KV cache), in the tokenizer it
 """
 import torch
 
+from common.checkpoint import load_checkpoint
+from common.settings import Parser, fail, flag_type, pick_device, run_main
 from data.shards import tokenizer_from_meta
-from checkpoint import load_checkpoint
-from settings import Parser, fail, flag_type, pick_device, run_main
 
 
 def parse_args(argv):

@@ -19,10 +19,10 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from tqdm import tqdm
 
+from common.settings import Parser, flag_type, run_main
 from data.shards import LOSS_MASK_DIR, ShardWriter, read_header, read_meta, write_meta
 from data.synthetic import generate_documents, text_of
 from data.tokenizer import GPT2_EOT, TOKENIZERS, get_tokenizer
-from settings import Parser, flag_type, run_main
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -276,9 +276,9 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
 def test_inference_tiles_equal_float64_reference(name, use_ssmax, use_doc, monkeypatch):
     """chunked without autograd runs chunked.toeplitz_attention (the bias a view of the tables) and
     equals the float64 reference at awkward lengths and tiles, queries at the end of the keys too."""
-    import chunked
+    from engines import chunked
     calls = []
-    monkeypatch.setattr("model.toeplitz_attention", lambda *a: calls.append(1) or chunked.toeplitz_attention(*a))
+    monkeypatch.setattr("engines.toeplitz_attention", lambda *a: calls.append(1) or chunked.toeplitz_attention(*a))
     for T, block, q_offset in ((1, 7, 0), (37, 7, 0), (130, 48, 0), (300, 64, 0), (130, 48, 77), (300, 1000, 299)):
         var, q, k, v, ssmax, doc = random_case(name, T, use_ssmax, use_doc)
         var, q, k, v = var.double(), q.double(), k.double(), v.double()
@@ -352,7 +352,7 @@ def test_toeplitz_views_equal_plain_indexing(H, kind, use_ssmax, use_doc):
     entry by entry: odd lengths and tiles, a batch of 3, queries at the end of the keys, and
     inputs laid out as the model gives them (q, k, v permuted views of one projection; tables
     that are transposed or expanded views)."""
-    from chunked import toeplitz_attention
+    from engines.chunked import toeplitz_attention
     gen = torch.Generator().manual_seed(H)
     B, D = 3, 8
     for Tk, q_offset, block in ((1, 0, 5), (37, 0, 7), (37, 36, 5), (129, 0, 64), (129, 50, 33), (301, 0, 1000)):

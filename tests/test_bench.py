@@ -22,7 +22,7 @@ def test_bench_tiny_runs_every_section(tmp_path):
     out = tmp_path / "bench.json"
     # one thread: on a busy 2-core machine, two spinning OpenMP threads can be many times slower
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "bench.py", "--tiny", "--device", "cpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--tiny", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -50,7 +50,7 @@ def test_bench_tiny_runs_every_section(tmp_path):
 def test_bench_quick_prints_one_pass_fail_table_on_cpu(tmp_path):
     out = tmp_path / "quick.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--device", "cpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split()[:3] for line in proc.stdout.splitlines() if line.split()[:1] in (["engines"], ["train"])]
@@ -64,7 +64,7 @@ def test_bench_quick_prints_one_pass_fail_table_on_cpu(tmp_path):
 
 
 def test_a_failing_cell_leaves_the_other_rows_and_the_json(tmp_path, monkeypatch, capsys):
-    import bench
+    from tools import bench
     real = bench.bench_attention
 
     def fails_for_bam(name, *args):
@@ -102,7 +102,7 @@ def test_a_failing_cell_leaves_the_other_rows_and_the_json(tmp_path, monkeypatch
 def test_bench_cpu_counts_the_attention_it_runs(tmp_path):
     """bench_cpu.py's attention FLOPs: causal q.k and p.v over the queries computed (all of them in
     every layer but the last, the last `queries` there); and its matmul-only run writes the JSON."""
-    import bench_cpu
+    from tools import bench_cpu
     from model import GPTConfig
     config = GPTConfig(n_layer=3, n_head=2, n_embd=16)
     T, queries = 10, 4

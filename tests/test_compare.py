@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-import compare
-import inspect_prior
 import train
+from common.checkpoint import save_checkpoint
 from data import prepare
-from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
+from tools import compare
+from tools import inspect_prior
 
 TINY = 'n_layer = 1\nn_head = 2\nn_embd = 32\nbatch_size = 4\neval_batches = 2\nwarmup_steps = 2\n'
 

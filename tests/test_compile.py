@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import attention
-import flex
+import engines
 import model as model_module
-import selfcheck
-import settings
 from attention import VARIANTS, AttentionArgs, document_ids
-from flex import flex_kernel_options
+from common import settings
+from engines import flex
+from engines.flex import flex_kernel_options
 from model import GPT, GPTConfig, attend
+from tools import selfcheck
 
 EOT = 0
 
@@ -77,7 +78,7 @@ def test_exact_prior_gradient_route_on_flex_is_one_graph():
     """The flex side of the route (lse, GQA-stacked heads, captured detached tables) traces whole.
     q, k, v and the SSMax scale carry no gradient here (flex has no backward on a CPU); the prior's
     parameters do."""
-    from prior_grad import attend_exact, derivative_tables
+    from engines.prior_grad import attend_exact, derivative_tables
     torch.manual_seed(0)
     variant = VARIANTS["bam"](GPTConfig(n_head=2, n_embd=32))
     q, k, v = (torch.randn(2, 2, 200, 16) for _ in range(3))
@@ -233,7 +234,7 @@ def test_flex_copies_what_it_captures_only_off_cuda(monkeypatch):
     on CUDA the tensors go to flex as they are. Every tensor the flex paths capture goes through
     flex_capture, which copies off CUDA only (a CUDA tensor faked on the CPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    import prior_grad
+    from engines import prior_grad
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside a compiled model
     copies = []
     monkeypatch.setattr(flex, "materialize", lambda t: copies.append(t) or t)
@@ -243,7 +244,7 @@ def test_flex_copies_what_it_captures_only_off_cuda(monkeypatch):
     assert flex.flex_capture(torch.ones(3)) is not None and len(copies) == 1
 
     captured = []
-    for module in (model_module, prior_grad):  # no direct copy: only through flex_capture
+    for module in (engines, prior_grad):  # no direct copy: only through flex_capture
         monkeypatch.setattr(module, "flex_capture", lambda t: captured.append(t) or t)
         monkeypatch.setattr(module, "flex_engine", lambda q, k, v, *a, return_lse=False, **kw: (
             (v.new_zeros(q.shape), q.new_zeros(q.shape[:-1])) if return_lse else v.new_zeros(q.shape)))

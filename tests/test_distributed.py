@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 from data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,7 +218,7 @@ def test_a_killed_rank_ends_the_job_nonzero_and_the_last_checkpoint_loads(data_d
 
 
 def test_bench_torchrun_prints_plain_and_torchrun_side_by_side(data_dir, capsys):
-    import bench_torchrun
+    from tools import bench_torchrun
     flags = ["--rounds", "1", "--steps", "4", "--skip", "1", "--", "--data", data_dir, *TINY]
     assert bench_torchrun.main(flags) == 0
     out = capsys.readouterr().out

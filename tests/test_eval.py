@@ -15,11 +15,11 @@ import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import eval_extrapolate as E
-import memory as M
-import retrieval as R
+from common.checkpoint import save_checkpoint
+from data import retrieval as R
 from data.shards import write_meta, write_shard
 from data.tokenizer import get_tokenizer
-from checkpoint import save_checkpoint
+from engines import memory as M
 from model import GPT, GPTConfig
 
 ENC = get_tokenizer("bytes")  # one token per byte: token positions are character positions (+1 for the EOT)
@@ -225,10 +225,10 @@ def test_32k_forward_memory_is_bounded():
 import random, resource, sys, torch
 sys.path.insert(0, {ROOT!r})
 import eval_extrapolate as E
-import memory as M
-import retrieval as R
-from model import GPT, GPTConfig
+from data import retrieval as R
 from data.tokenizer import get_tokenizer
+from engines import memory as M
+from model import GPT, GPTConfig
 torch.set_num_threads(1)
 model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=320, block_size=128, attention="bam",
                       engine="chunked", attn_block=256)).eval()

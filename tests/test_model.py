@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention import VARIANTS, document_ids, rotary_frequencies
-from checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import load_checkpoint, save_checkpoint
 from model import GPT, GPTConfig
 
 EOT = 0

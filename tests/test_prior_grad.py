@@ -5,13 +5,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import prior_grad
+import engines
 from attention import BAM, AttentionArgs, ScaleInvariant, make_score_mod, prior_score, ssmax_factor
-from flex import flex_block_mask
-import model as model_module
-from model import GPT, GPTConfig, attend
-from prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats, prior_table,
+from engines import prior_grad
+from engines.flex import flex_block_mask
+from engines.prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats, prior_table,
                         route_problem)
+from model import GPT, GPTConfig, attend
 
 H, D, B = 4, 8, 2
 TOLERANCE = 1e-9  # float64: the route and autograd differ by rounding only (1e-15 seen)
@@ -144,7 +144,7 @@ def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
     """GPT with one BAM prior per layer, SSMax and documents: the route (chunked engine) gives
     the loss and every parameter's gradient of the sdpa engine."""
     calls = []
-    monkeypatch.setattr(model_module, "attend_exact", lambda *args: calls.append(args[3]) or attend_exact(*args))
+    monkeypatch.setattr(engines, "attend_exact", lambda *args: calls.append(args[3]) or attend_exact(*args))
     idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
     idx[:, 60] = 0
     grads = []
@@ -236,7 +236,7 @@ def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries
     scored position on, and the route must give them their true positions. The logits and every
     gradient equal the sdpa engine's."""
     calls = []
-    monkeypatch.setattr(model_module, "attend_exact", lambda *args, **kw: calls.append(1) or attend_exact(*args, **kw))
+    monkeypatch.setattr(engines, "attend_exact", lambda *args, **kw: calls.append(1) or attend_exact(*args, **kw))
     idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
     idx[:, 60] = 0
     doc = torch.cumsum(idx == 0, dim=1) if use_doc else None

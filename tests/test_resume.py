@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-import model as model_module
+import engines
 import train
-from checkpoint import load_checkpoint, restore
+from common.checkpoint import load_checkpoint, restore
+from common.distributed import World
 from data import prepare
-from distributed import World
 
 BASE = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "2",
         "--eval-interval", "2", "--eval-batches", "1", "--log-interval", "1", "--warmup-steps", "1"]
@@ -168,8 +168,8 @@ def test_prior_grad_given_on_resume_is_used(data_dir, tmp_path, monkeypatch, cap
     the new value, and the exact route trains the prior."""
     folder = stopped_run(data_dir, tmp_path / "run", "--engine", "chunked", "--prior-grad", "table")
     calls = []
-    original = model_module.attend_exact
-    monkeypatch.setattr(model_module, "attend_exact", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = engines.attend_exact
+    monkeypatch.setattr(engines, "attend_exact", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     resume(data_dir, folder, "--prior-grad", "passes")
     assert calls and "changed: prior_grad table -> passes" in capsys.readouterr().out
     assert load_checkpoint(str(folder / "last.pt"))[0].config.prior_grad == "passes"

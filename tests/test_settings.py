@@ -8,18 +8,18 @@ import sys
 import pytest
 import torch
 
-import bench
 import eval_extrapolate
 import sample
-import selfcheck
 import train
+from common import settings
+from common.settings import check, run_main
 from data import prepare
-import settings
-from settings import check, run_main
+from tools import bench
+from tools import selfcheck
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAINS = {"train.py": train.main, "sample.py": sample.main, "eval_extrapolate.py": eval_extrapolate.main,
-         "bench.py": bench.main, "selfcheck.py": selfcheck.main, "data/prepare.py": prepare.main}
+         "tools/bench.py": bench.main, "tools/selfcheck.py": selfcheck.main, "data/prepare.py": prepare.main}
 EVAL = ["--ckpt", "never-read.pt"]
 
 BAD_FLAGS = [  # script, flags, what the one line must say
@@ -51,17 +51,17 @@ BAD_FLAGS = [  # script, flags, what the one line must say
     ("eval_extrapolate.py", EVAL + ["--task", "qa"], "argument --task: invalid choice: 'qa'"),
     ("eval_extrapolate.py", EVAL + ["--out", "no/such/folder/x.json"], "no/such/folder does not exist"),
     ("eval_extrapolate.py", EVAL + ["--device", "cuda:x"], "unknown --device 'cuda:x'"),
-    ("bench.py", ["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
-    ("bench.py", ["--steps", "0"], "argument --steps: must be a whole number >= 1, got 0"),
-    ("bench.py", ["--warmup", "-1"], "argument --warmup: must be a whole number >= 0, got -1"),
-    ("bench.py", ["--variants", "nope,rope"], "argument --variants: unknown 'rope'; choose from nope, alibi, bam, scaleinv"),
-    ("bench.py", ["--sections", "speed"], "argument --sections: unknown 'speed'; choose from train, attn, long"),
-    ("bench.py", ["--prior-grad", "auto"], "argument --prior-grad: unknown 'auto'; choose from passes, table"),
-    ("bench.py", ["--lengths", "64Q"], "argument --lengths: must be a comma list of token counts"),
-    ("bench.py", ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-    ("bench.py", ["--out", "no/such/folder/b.json"], "no/such/folder does not exist"),
-    ("selfcheck.py", ["--checks", "everything"], "argument --checks: unknown 'everything'"),
-    ("selfcheck.py", ["--device", "tpu"], "unknown --device 'tpu'"),
+    ("tools/bench.py", ["--peak-tflops", "nan"], "argument --peak-tflops: must be a finite number > 0, got nan"),
+    ("tools/bench.py", ["--steps", "0"], "argument --steps: must be a whole number >= 1, got 0"),
+    ("tools/bench.py", ["--warmup", "-1"], "argument --warmup: must be a whole number >= 0, got -1"),
+    ("tools/bench.py", ["--variants", "nope,rope"], "argument --variants: unknown 'rope'; choose from nope, alibi, bam, scaleinv"),
+    ("tools/bench.py", ["--sections", "speed"], "argument --sections: unknown 'speed'; choose from train, attn, long"),
+    ("tools/bench.py", ["--prior-grad", "auto"], "argument --prior-grad: unknown 'auto'; choose from passes, table"),
+    ("tools/bench.py", ["--lengths", "64Q"], "argument --lengths: must be a comma list of token counts"),
+    ("tools/bench.py", ["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+    ("tools/bench.py", ["--out", "no/such/folder/b.json"], "no/such/folder does not exist"),
+    ("tools/selfcheck.py", ["--checks", "everything"], "argument --checks: unknown 'everything'"),
+    ("tools/selfcheck.py", ["--device", "tpu"], "unknown --device 'tpu'"),
     ("data/prepare.py", ["synthetic", "--docs", "0"], "argument --docs: must be a whole number >= 1, got 0"),
     ("data/prepare.py", ["synthetic", "--pack", "-3"], "argument --pack: must be a whole number >= 0, got -3"),
     ("data/prepare.py", ["synthetic", "--seed", "-1"], "argument --seed: must be a whole number >= 0, got -1"),
@@ -141,7 +141,7 @@ def test_check_reads_intervals_as_in_mathematics(value, annotation, interval, pr
 
 @pytest.mark.parametrize("script, argv", [("train.py", ["--lr", "nan"]), ("sample.py", ["--top-k", "-1"]),
                                           ("eval_extrapolate.py", EVAL + ["--samples", "0"]),
-                                          ("bench.py", ["--steps", "0"]), ("selfcheck.py", ["--checks", "x"]),
+                                          ("tools/bench.py", ["--steps", "0"]), ("tools/selfcheck.py", ["--checks", "x"]),
                                           ("data/prepare.py", ["synthetic", "--docs", "0"])])
 def test_each_script_from_the_shell(script, argv):
     """The scripts as a user runs them: one line on stderr, exit status 2, nothing else."""

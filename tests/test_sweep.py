@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import eval_extrapolate as E
+from common.checkpoint import save_checkpoint
 from data.shards import write_meta, write_shard
-from checkpoint import save_checkpoint
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

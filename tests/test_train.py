@@ -13,9 +13,9 @@ import torch
 
 import sample
 import train
+from common.checkpoint import load_checkpoint, save_checkpoint
 from data import prepare
 from data.shards import tokenizer_from_meta
-from checkpoint import load_checkpoint, save_checkpoint
 from model import GPT
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

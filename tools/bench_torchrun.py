@@ -2,9 +2,9 @@
 train.py's tokens/s under torchrun next to plain `python train.py`, side by side in one run: the
 same flags and data, the launches taking turns round by round, because timings are noisy.
 
-    python bench_torchrun.py                          # plain vs torchrun with 1 process, train.py's defaults
-    python bench_torchrun.py --nproc 1,2 --rounds 3   # and 2 processes (on a CPU each gets its share of cores)
-    python bench_torchrun.py -- --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --batch-size 16
+    python tools/bench_torchrun.py                          # plain vs torchrun with 1 process, train.py's defaults
+    python tools/bench_torchrun.py --nproc 1,2 --rounds 3   # and 2 processes (on a CPU each gets its share of cores)
+    python tools/bench_torchrun.py -- --n-layer 12 --n-head 12 --n-embd 768 --block-size 1024 --batch-size 16
 
 Flags after `--` go to every train.py run (the data must be prepared: python data/prepare.py
 synthetic). Each run trains --steps steps into a temporary folder; its figure is the median of
@@ -20,13 +20,14 @@ import subprocess
 import sys
 import tempfile
 
-from settings import Parser, flag_type, run_main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from common.settings import Parser, flag_type, run_main
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def get_args(argv):
-    p = Parser(prog="bench_torchrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="tools/bench_torchrun.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=lambda s: [flag_type(int, "[1, inf)")(n) for n in s.split(",")], default=[1],
                    help="comma list of torchrun process counts, each timed next to plain python train.py (default: 1)")
     p.add_argument("--rounds", type=flag_type(int, "[1, inf)"), default=2, help="turns of every launch (default: 2)")

@@ -1,5 +1,5 @@
 """
-Check a GPU end to end before trusting it with a run: python bench.py --check (or python selfcheck.py).
+Check a GPU end to end before trusting it with a run: python tools/bench.py --check (or python tools/selfcheck.py).
 
   engines  flex and chunked against sdpa (float32 math) for every variant, documents masked,
            at lengths 1, 130 and 1000, float32 and bfloat16, head sizes 64 and 128: outputs and
@@ -14,14 +14,17 @@ Check a GPU end to end before trusting it with a run: python bench.py --check (o
 Prints one PASS/FAIL table and exits non-zero on any failure. On a CPU it runs what a CPU can:
 flex forward only (no backward off CUDA), no bfloat16 kernels, no 64K forward.
 """
+import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from attention import VARIANTS, AttentionArgs, ssmax_factor
+from common.settings import Parser, autocast, comma_list, native_bf16, pick_device, run_main
+from engines.prior_grad import attend_exact, derivative_tables, prior_repeats
 from model import GPT, GPTConfig, attend
-from prior_grad import attend_exact, derivative_tables, prior_repeats
-from settings import Parser, autocast, comma_list, native_bf16, pick_device, run_main
 
 LENGTHS = (1, 130, 1000)
 CHECKS = ("engines", "decode", "compile", "64K")
@@ -136,7 +139,7 @@ def long_case(device, dtype):
 
 
 def main(argv=None):
-    p = Parser(prog="selfcheck.py", description=__doc__)
+    p = Parser(prog="tools/selfcheck.py", description=__doc__)
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N or cpu")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
                    help="comma list of variants (default: all)")

@@ -2,10 +2,10 @@
 A fair comparison of the positional variants: train a grid of configurations on the same data,
 with the same recipe and the same seeds, then evaluate each one beyond the training length.
 
-    python compare.py                          # the default grid (README, "A fair comparison")
-    python compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
-    python compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
-    python compare.py --tasks passkey,loss --data data/shakespeare --config recipe.toml
+    python tools/compare.py                          # the default grid (README, "A fair comparison")
+    python tools/compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
+    python tools/compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
+    python tools/compare.py --tasks passkey,loss --data data/shakespeare --config recipe.toml
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
 papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with train.py's
@@ -30,12 +30,13 @@ from dataclasses import asdict
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import eval_extrapolate
 import train
+from common.checkpoint import save_json
+from common.settings import Parser, comma_list, fail, flag_type, run_main
+from data.retrieval import passkey_sample
 from data.shards import read_meta, tokenizer_from_meta
-from checkpoint import save_json
-from retrieval import passkey_sample
-from settings import Parser, comma_list, fail, flag_type, run_main
 
 # variant name -> train.py flags; rope is NoPE with full rotary embeddings
 VARIANT_FLAGS = {"nope": ["--attention", "nope", "--rope", "none"], "rope": ["--attention", "nope", "--rope", "full"],
@@ -52,7 +53,7 @@ def comma_list_of_ints(text):
 
 
 def parse_args(argv):
-    p = Parser(prog="compare.py", description=__doc__)
+    p = Parser(prog="tools/compare.py", description=__doc__)
     p.add_argument("--variants", type=comma_list(list(VARIANT_FLAGS)),
                    help=f"comma list of variants (default: {','.join(GRID['variants'])})")
     p.add_argument("--ssmax", type=comma_list(list(SSMAX_FLAGS)),

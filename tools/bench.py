@@ -7,11 +7,11 @@ Benchmark the positional variants in one run, so that their ratios are fair.
   long   one forward of the 124M-shaped model at 64K-512K tokens (B=1, logits at the last
          position only): seconds and peak memory
 
-    python bench.py                                  # GPU: bf16, torch.compile, fused AdamW
-    python bench.py --tiny --device cpu              # same code paths on a CPU, in seconds
-    python bench.py --sections train --variants nope,bam --out bench.json
-    python bench.py --quick                          # a new GPU in minutes: correctness + one step each
-    python bench.py --check                          # the full correctness self-check, for users with time
+    python tools/bench.py                                  # GPU: bf16, torch.compile, fused AdamW
+    python tools/bench.py --tiny --device cpu              # same code paths on a CPU, in seconds
+    python tools/bench.py --sections train --variants nope,bam --out bench.json
+    python tools/bench.py --quick                          # a new GPU in minutes: correctness + one step each
+    python tools/bench.py --check                          # the full correctness self-check, for users with time
 
 Where a variant trains a prior or an SSMax scale and the engine is flex or chunked, train and attn
 time each --prior-grad route in its own row (grad column): passes (prior_grad.py: an exact extra
@@ -31,19 +31,21 @@ only, chunked + passes, and the tiny shape without compile.
 import argparse
 import gc
 import math
+import os
 import statistics
 import sys
 import time
 
 import torch
 
-import selfcheck
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from attention import VARIANTS, AttentionArgs, choose_engine, plain_attention, ssmax_factor
-from checkpoint import save_json
-from model import GPT, GPTConfig, attend
-from prior_grad import attend_exact, derivative_tables, prior_repeats
-from settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
+from common.checkpoint import save_json
+from common.settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
                       run_main)
+from engines.prior_grad import attend_exact, derivative_tables, prior_repeats
+from model import GPT, GPTConfig, attend
+from tools import selfcheck
 
 # shapes: GPT-2 124M as in nanoGPT's bench.py, and a tiny one that runs on a CPU in seconds
 FULL = dict(model=dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304, attn_block=512),
@@ -66,7 +68,7 @@ def token_counts(text):
 
 
 def get_args(argv):
-    p = Parser(prog="bench.py", description=__doc__)
+    p = Parser(prog="tools/bench.py", description=__doc__)
     p.add_argument("--tiny", action="store_true", help="tiny shapes: every code path in seconds (CPU-friendly)")
     p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cuda, cuda:N, cpu or mps")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),

@@ -35,8 +35,8 @@ import math
 import torch
 
 from attention import contract_problem, distance, make_score_mod
-from chunked import chunked_attention
-from flex import flex_block_mask, flex_capture, flex_engine
+from engines.chunked import chunked_attention
+from engines.flex import flex_block_mask, flex_capture, flex_engine
 
 
 def prior_table(variant, tables, n_head, n):

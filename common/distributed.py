@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from settings import Failure, fail, pick_device, rank_prefix
+from common.settings import Failure, fail, pick_device, rank_prefix
 
 
 @dataclass

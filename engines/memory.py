@@ -7,7 +7,7 @@ import os
 import torch
 
 from attention import choose_engine, plain_attention
-from flex import FLEX_BLOCK
+from engines.flex import FLEX_BLOCK
 
 
 def resolve_engine(engine, model, length, device):

@@ -11,11 +11,13 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
           now (the inference tiles, the last layer's queries from the answer on); seconds, and the
           attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
 
-    python bench_cpu.py                       # everything, about a minute on 2 cores
-    python bench_cpu.py --sections train --compile   # training with every model compiled, as nanoGPT does
-    python bench_cpu.py --sections long --variants bam --out bench_cpu.json
+    python tools/bench_cpu.py                       # everything, about a minute on 2 cores
+    python tools/bench_cpu.py --sections train --compile   # training with every model compiled, as nanoGPT does
+    python tools/bench_cpu.py --sections long --variants bam --out bench_cpu.json
 """
+import os
 import statistics
+import sys
 import time
 from unittest import mock
 
@@ -23,11 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 import model as model_module
 from attention import VARIANTS
-from checkpoint import save_json
+from common.checkpoint import save_json
+from common.settings import Parser, comma_list, flag_type, output_file, run_main
 from model import GPT, GPTConfig
-from settings import Parser, comma_list, flag_type, output_file, run_main
 
 SECTIONS = ("matmul", "train", "long")
 MAIN_JOB = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=320)  # train.py's defaults, as ./run.sh trains
@@ -149,7 +152,7 @@ def long_section(args, results, matmul):
 
 
 def main(argv=None):
-    p = Parser(prog="bench_cpu.py", description=__doc__)
+    p = Parser(prog="tools/bench_cpu.py", description=__doc__)
     p.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
                    help="comma list of sections: matmul, train, long (default all; long and train print the matmul rate too)")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),

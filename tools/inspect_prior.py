@@ -1,7 +1,7 @@
 """
 What a trained model's positional prior and SSMax learned.
 
-    python inspect_prior.py --ckpt out/bam/last.pt
+    python tools/inspect_prior.py --ckpt out/bam/last.pt
 
 Prints each head's BAM parameters with the paper's class of the head (BAM, arXiv 2505.22842:
 local beta > 0, retrieval -0.6 <= beta <= 0, aggressive retrieval beta < -0.6), each layer's SSMax
@@ -13,8 +13,9 @@ import sys
 
 import torch
 
-from checkpoint import load_checkpoint
-from settings import Parser, flag_type, output_file, run_main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+from common.checkpoint import load_checkpoint
+from common.settings import Parser, flag_type, output_file, run_main
 
 
 def head_class(beta):
@@ -91,7 +92,7 @@ def save_plot(model, max_distance, path, title):
 
 
 def main(argv=None):
-    p = Parser(prog="inspect_prior.py", description=__doc__)
+    p = Parser(prog="tools/inspect_prior.py", description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--max-distance", type=flag_type(int, "[1, inf)"),
                    help="the plot's longest distance in tokens (default: 64 x the training length)")
