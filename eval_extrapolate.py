@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from attention import document_ids
-from common.checkpoint import load_checkpoint, save_json
+from common.checkpoint import save_json
+from model import load_checkpoint
 from common.settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
 from common.sweep import accuracy_grid, content_digest, finished_sweep, print_grid, print_losses, save_heatmap
 from data.retrieval import answer_logits, judge, niah_sample, passkey_sample

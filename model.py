@@ -5,16 +5,19 @@ Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
 Runs past its training length: nothing here depends on a maximum sequence length.
 """
 import math
-from dataclasses import dataclass, replace
+import os
+import pickle
+import struct
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import engines
-from attention import (ENGINES, VARIANTS, AttentionArgs, apply_rotary, choose_engine, contract_problem, fitted_rope_fraction,
-                       make_score_mod, plain_attention, positions_in_document, rotary_frequencies, sdpa_attention,
-                       ssmax_factor)
+from attention import (ENGINES, VARIANTS, AttentionArgs, apply_rotary, choose_engine, contract_problem,
+                       fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
+                       rotary_frequencies, sdpa_attention, ssmax_factor)
 from common.settings import check_fields, param
 
 ROPE_MODES = ("none", "full", "partial")
@@ -346,3 +349,36 @@ class GPT(nn.Module):
             idx = torch.cat((idx, next_token), dim=1)
             step_input = next_token
         return idx
+
+
+def upgraded_config(saved):
+    """A checkpoint's model config in today's fields: checkpoints from before the previous-token path
+    trained without it, and `bam_per_layer` (per-layer priors for bam only) became `prior_per_layer`."""
+    saved = {"prev_tokens": 0, "key_offset": False} | saved
+    if "bam_per_layer" in saved:
+        saved["prior_per_layer"] = saved.pop("bam_per_layer") and saved.get("attention") == "bam"
+    return saved
+
+
+def load_checkpoint(path, device="cpu", runtime=None):
+    """Load a checkpoint and rebuild its model on `device`; runtime: settings of how the model runs, not
+    of what it computes (RUNTIME_FIELDS), that replace the checkpoint's before the model is built.
+    Every tensor is read to the CPU first: the random states stay there, where torch.set_rng_state
+    takes them, and the optimizer's state moves to its parameters' device when it is loaded.
+    Returns (model, checkpoint dict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with python train.py --out-dir ...")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint["model_config"] = upgraded_config(checkpoint["model_config"])
+        unknown = set(checkpoint["model_config"]) - {f.name for f in fields(GPTConfig)}
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        model = GPT(GPTConfig(**checkpoint["model_config"] | (runtime or {})))
+        model.load_state_dict(checkpoint["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # torch's own message would suggest weights_only=False
+            first_line = "not a PyTorch file of tensors and plain values"
+        raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
+    return model.to(device), checkpoint

@@ -5,7 +5,7 @@ Generate text from a trained checkpoint (with the KV cache), in the tokenizer it
 """
 import torch
 
-from common.checkpoint import load_checkpoint
+from model import load_checkpoint
 from common.settings import Parser, fail, flag_type, pick_device, run_main
 from data.shards import tokenizer_from_meta
 

@@ -26,13 +26,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from attention import document_ids
-from common.checkpoint import (RUNTIME_FIELDS, THIS_MACHINE, load_checkpoint, make_checkpoint, restore, resume_changes,
-                        save_checkpoint)
+from common.checkpoint import RUNTIME_FIELDS, THIS_MACHINE, make_checkpoint, restore, resume_changes, save_checkpoint
 from common.distributed import check_world, start_world
-from common.settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param, pick_dtype,
-                      value_type)
+from common.settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param,
+                             pick_dtype, value_type)
 from data.shards import TokenLoader, data_fingerprint, read_meta
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint
 
 
 @dataclass

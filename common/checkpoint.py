@@ -1,17 +1,13 @@
 """
 Checkpoints and results: plain tensors and dicts, written atomically (a temporary file, flushed, then
-renamed), and loaded with torch.load(..., weights_only=True), so nothing in a file is executed. What a
-training checkpoint holds, how a run restores it, and what --resume may change.
+renamed); model.load_checkpoint reads them with torch.load(..., weights_only=True), so nothing in a file
+is executed. What a training checkpoint holds, how a run restores it, and what --resume may change.
 """
 import json
 import os
-import pickle
-import struct
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
-
-from model import GPT, GPTConfig
 
 
 def atomic_write(path, write):
@@ -62,39 +58,6 @@ def restore(checkpoint, optimizer, config, train_loader, device):
     if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
     return checkpoint["step"], checkpoint["best_val_loss"]
-
-
-def upgraded_config(saved):
-    """A checkpoint's model config in today's fields: checkpoints from before the previous-token path
-    trained without it, and `bam_per_layer` (per-layer priors for bam only) became `prior_per_layer`."""
-    saved = {"prev_tokens": 0, "key_offset": False} | saved
-    if "bam_per_layer" in saved:
-        saved["prior_per_layer"] = saved.pop("bam_per_layer") and saved.get("attention") == "bam"
-    return saved
-
-
-def load_checkpoint(path, device="cpu", runtime=None):
-    """Load a checkpoint and rebuild its model on `device`; runtime: settings of how the model runs, not
-    of what it computes (RUNTIME_FIELDS), that replace the checkpoint's before the model is built.
-    Every tensor is read to the CPU first: the random states stay there, where torch.set_rng_state
-    takes them, and the optimizer's state moves to its parameters' device when it is loaded.
-    Returns (model, checkpoint dict)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with python train.py --out-dir ...")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        checkpoint["model_config"] = upgraded_config(checkpoint["model_config"])
-        unknown = set(checkpoint["model_config"]) - {f.name for f in fields(GPTConfig)}
-        if unknown:
-            raise ValueError(f"unknown config fields {sorted(unknown)}")
-        model = GPT(GPTConfig(**checkpoint["model_config"] | (runtime or {})))
-        model.load_state_dict(checkpoint["model"])
-    except (KeyError, TypeError, RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, struct.error) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if isinstance(e, pickle.UnpicklingError):  # torch's own message would suggest weights_only=False
-            first_line = "not a PyTorch file of tensors and plain values"
-        raise ValueError(f"{path} is not a checkpoint of this project's GPT ({first_line})") from None
-    return model.to(device), checkpoint
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import train
-from common.checkpoint import load_checkpoint
+from model import load_checkpoint
 from data import prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

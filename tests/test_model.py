@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from attention import VARIANTS, document_ids, rotary_frequencies
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import save_checkpoint
+from model import load_checkpoint
 from model import GPT, GPTConfig
 
 EOT = 0

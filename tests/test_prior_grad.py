@@ -9,8 +9,8 @@ import engines
 from attention import BAM, AttentionArgs, ScaleInvariant, make_score_mod, prior_score, ssmax_factor
 from engines import prior_grad
 from engines.flex import flex_block_mask
-from engines.prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats, prior_table,
-                        route_problem)
+from engines.prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats,
+                                prior_table, route_problem)
 from model import GPT, GPTConfig, attend
 
 H, D, B = 4, 8, 2

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import train
 from attention import VARIANTS, NoPE, document_ids, prior_score
-from common.checkpoint import load_checkpoint
+from model import load_checkpoint
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,7 +9,8 @@ import torch
 
 import engines
 import train
-from common.checkpoint import load_checkpoint, restore
+from common.checkpoint import restore
+from model import load_checkpoint
 from common.distributed import World
 from data import prepare
 

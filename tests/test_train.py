@@ -13,7 +13,8 @@ import torch
 
 import sample
 import train
-from common.checkpoint import load_checkpoint, save_checkpoint
+from common.checkpoint import save_checkpoint
+from model import load_checkpoint
 from data import prepare
 from data.shards import tokenizer_from_meta
 from model import GPT

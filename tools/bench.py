@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from attention import VARIANTS, AttentionArgs, choose_engine, plain_attention, ssmax_factor
 from common.checkpoint import save_json
 from common.settings import (Parser, autocast, comma_list, flag_type, gpu_peak, output_file, pick_device, pick_dtype,
-                      run_main)
+                             run_main)
 from engines.prior_grad import attend_exact, derivative_tables, prior_repeats
 from model import GPT, GPTConfig, attend
 from tools import selfcheck

@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-from common.checkpoint import load_checkpoint
+from model import load_checkpoint
 from common.settings import Parser, flag_type, output_file, run_main
 
 
