@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from attention import document_ids
+from attention import ENGINES, document_ids
 from common.checkpoint import save_json
 from model import load_checkpoint
 from common.settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
@@ -152,9 +152,9 @@ def parse_args(argv):
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, "
                         "float32 elsewhere)")
-    p.add_argument("--engine", choices=("auto", "sdpa", "flex", "chunked"), default="auto",
-                   help="attention engine; auto = flex on CUDA, on CPU sdpa while the T x T bias is small "
-                        "and chunked beyond (default: auto)")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="attention engine; auto = sdpa's flash kernel for plain NoPE (no SSMax) everywhere; for the "
+                        "others flex on CUDA and the chunked engine's inference tiles elsewhere (default: auto)")
     p.add_argument("--attn-block", type=flag_type(int, "[1, inf)"), default=512,
                    help="query tile of the chunked engine; memory ~ 5 x heads x block x length bytes (default: 512)")
     p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),

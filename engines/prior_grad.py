@@ -16,7 +16,7 @@ g(t) = df(t)/dtheta, and D_i = dO_i . O_i,
     E_i(g) = sum_j P_ij g(t_ij) (dO_i . v_j - D_i).
 
 For t >= 1 write g = sigma (r + m): sigma = +-1, r >= 0 and m <= 0 a constant, which is 0 when g
-keeps one sign there (BAM's parameters, the README's Cauchy width; a trained centre would not).
+keeps one sign there (BAM's parameters, a Cauchy prior's per-head width; a trained centre would not).
 sum_{j != i} P_ij r_ij v_j is then an attention output: attention with logits L + log r (and -inf
 at t = 0) gives O'_i and lse'_i, with rho_i = exp(lse'_i - lse_i) = sum_{j != i} P_ij r_ij. As
 sum_j P_ij (dO_i . v_j - D_i) = 0, the t = 0 term and the constant m fold into the diagonal:

@@ -240,7 +240,8 @@ def test_compiled_flex_on_cuda_matches_chunked():
 
 
 def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
-    """A per-head Cauchy prior (README, "Adding a prior"): one module, one registry line; every engine, trains."""
+    """A per-head Cauchy prior, b_h(t) = -log(1 + (t / w_h)^2), added as README's "Adding a prior" says: one
+    module, one registry line; every engine, trains."""
     import torch.nn as nn
     from attention import prior_score
 
@@ -260,7 +261,7 @@ def test_a_new_prior_is_one_module_and_one_registry_line(monkeypatch):
     var, q, k, v, ssmax, doc = random_case("nope", 70, True, True)
     var = variant("cauchy", n_head=2)
     width = var.log_width.detach().double().exp().view(1, -1, 1, 1)
-    cauchy = papers_logits("nope", var, True, doc)  # S + SSMax, then the Cauchy prior as the README defines it
+    cauchy = papers_logits("nope", var, True, doc)  # S + SSMax, then the Cauchy prior as defined above
     want = reference_attention(q, k, v, lambda S, h, i, j: cauchy(S - torch.log1p(((i - j) / width) ** 2), h, i, j), doc)
     for engine in ENGINES:
         with torch.no_grad():

@@ -15,7 +15,7 @@ from model import GPT, GPTConfig
 from tools import compare
 from tools import inspect_prior
 
-TINY = 'n_layer = 1\nn_head = 2\nn_embd = 32\nbatch_size = 4\neval_batches = 2\nwarmup_steps = 2\n'
+TINY = 'block_size = 128\nqk_norm = true\nn_layer = 1\nn_head = 2\nn_embd = 32\nbatch_size = 4\neval_batches = 2\nwarmup_steps = 2\n'
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ TOLERANCE = 1e-9  # float64: the route and autograd differ by rounding only (1e-
 
 
 class Cauchy(nn.Module):
-    """The README's example: b_h(t) = -log(1 + (t / w_h)^2), width w_h learned."""
+    """A Cauchy prior: b_h(t) = -log(1 + (t / w_h)^2), width w_h learned per head."""
     additive = True
     score = staticmethod(prior_score)
 

@@ -2,15 +2,15 @@
 A fair comparison of the positional variants: train a grid of configurations on the same data,
 with the same recipe and the same seeds, then evaluate each one beyond the training length.
 
-    python tools/compare.py                          # the default grid (README, "A fair comparison")
+    python tools/compare.py                          # the default grid (README, "Compare the variants")
     python tools/compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
     python tools/compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
-    python tools/compare.py --tasks passkey,loss --data data/shakespeare --config recipe.toml
+    python tools/compare.py --tasks loss --data data/shakespeare --config config/shakespeare.toml
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
-papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with train.py's
-defaults plus QK-norm (--no-qk-norm: without), plus --config (a TOML or JSON file of train.py
-settings, read as data; the flags here win over it), and goes to
+papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with the recipe of
+--config (config/compare.toml: the main job's plus QK-norm; a TOML or JSON file of train.py
+settings, read as data; --steps, --block-size and --qk-norm here win over it), and goes to
 --out-dir/runs/<variant>-ssmax_<on|off>-seed<S>-<hash of the settings>/. A finished run is reused
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
 length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
@@ -60,15 +60,17 @@ def parse_args(argv):
                    help="SSMax settings to train each variant with: on, off or on,off (default: on,off)")
     p.add_argument("--seeds", type=comma_list_of_ints,
                    help="training seeds; the evaluation's prompts use the same seed (default: 1337,7)")
-    p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=600, help="training steps per run (default: 600)")
-    p.add_argument("--block-size", type=flag_type(int, "[1, inf)"), default=128,
-                   help="training length in tokens (default: 128)")
-    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=True,
-                   help="QK-norm in every run: without it the SSMax-off models do not learn to retrieve in 600 steps "
-                        "(README, \"A fair comparison\") (default: on)")
+    p.add_argument("--config", default="config/compare.toml",
+                   help="the recipe every run trains with: a TOML or JSON file of train.py settings (default: "
+                        "config/compare.toml, the main job's recipe plus QK-norm); the flags here win over it")
+    p.add_argument("--steps", type=flag_type(int, "[1, inf)"),
+                   help="training steps per run, evaluated and saved every third of them (default: the recipe's)")
+    p.add_argument("--block-size", type=flag_type(int, "[1, inf)"), help="training length in tokens (default: the "
+                                                                          "recipe's)")
+    p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
+                   help="QK-norm in every run (default: the recipe's; config/compare.toml has it on: without it the "
+                        "SSMax-off models do not learn to retrieve in 600 steps, docs/findings.md)")
     p.add_argument("--data", default="data/synthetic", help="prepared data folder (default: data/synthetic)")
-    p.add_argument("--config", help="TOML or JSON file of further train.py settings for every run (the flags here "
-                                    "win over it)")
     p.add_argument("--tasks", type=comma_list(list(TASKS)), default=["passkey"],
                    help="passkey, loss or passkey,loss (default: passkey)")
     p.add_argument("--lengths", help="evaluation lengths, as eval_extrapolate.py takes them (default: 1x,4x,16x)")
@@ -97,10 +99,14 @@ def plan_runs(args):
     for variant in args.variants:
         for ssmax in args.ssmax:
             for seed in args.seeds:
-                argv = ["--data", args.data, "--block-size", str(args.block_size), "--max-steps", str(args.steps),
-                        "--eval-interval", str(max(1, args.steps // 3)), "--qk-norm" if args.qk_norm else "--no-qk-norm",
-                        *VARIANT_FLAGS[variant], *SSMAX_FLAGS[ssmax], "--seed", str(seed)]
-                argv += ["--config", args.config] if args.config else []
+                argv = ["--config", args.config, "--data", args.data, *VARIANT_FLAGS[variant], *SSMAX_FLAGS[ssmax],
+                        "--seed", str(seed)]
+                if args.steps is not None:
+                    argv += ["--max-steps", str(args.steps), "--eval-interval", str(max(1, args.steps // 3))]
+                if args.block_size is not None:
+                    argv += ["--block-size", str(args.block_size)]
+                if args.qk_norm is not None:
+                    argv += ["--qk-norm" if args.qk_norm else "--no-qk-norm"]
                 config, given = train.parse_config(argv)
                 settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "resume")} | given
                 digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -129,10 +135,10 @@ def trained_step(run):
     return torch.load(path, map_location="cpu", weights_only=True)["step"]
 
 
-def train_run(run, steps):
+def train_run(run):
     """Train (or finish) one run. A stop inside train.py saves its step and exits 130 or 143."""
     done = trained_step(run)
-    if done >= steps:
+    if done >= run["settings"]["max_steps"]:
         return False
     try:
         train.main(run["argv"] + (["--resume"] if done else []))
@@ -251,6 +257,7 @@ def stop_on_sigterm(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     runs = plan_runs(args)
+    args.steps, args.block_size = (runs[0]["settings"][k] for k in ("max_steps", "block_size"))  # the recipe's
     try:
         lengths = eval_extrapolate.parse_lengths(args.lengths, args.block_size)
         eval_extrapolate.parse_depths(args.depths)
@@ -266,7 +273,7 @@ def main(argv=None):
         for run in runs:
             done += 1
             print(f"[{done}/{jobs} {time.time() - start:.0f}s] {run['name']}: train", flush=True)
-            trained += train_run(run, args.steps)
+            trained += train_run(run)
             for task in args.tasks:
                 for label, n in lengths:
                     done += 1
