@@ -333,7 +333,7 @@ def rotary_frequencies(head_dim, base, fraction):
 
 
 def fitted_rope_fraction(head_dim, base, block_size):
-    """p-RoPE sized to the training length (README, "p-RoPE fitted to the training length"): the
+    """p-RoPE sized to the training length (docs/findings.md, "p-RoPE fitted to the training length"): the
     fraction of rotary pairs whose wavelength 2 pi / freq fits in block_size tokens, so that every
     pair that rotates turns at least once in training. At the scale-invariant paper's 4K tokens
     (base 10000, head size 64 or 128) this is 0.72, close to their 0.75 (effective base ~1000)."""

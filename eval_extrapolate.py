@@ -5,7 +5,7 @@ Retrieval and loss far beyond the training length.
     python eval_extrapolate.py --ckpt out/ckpt.pt --task niah --lengths 1x,16x --haystack book.txt
     python eval_extrapolate.py --ckpt out/ckpt.pt --task loss --lengths 1x,4x,16x --data data/synthetic
 
-passkey  the Mohtashami & Jaggi prompt as BAM evaluates it (README, "Retrieval"), one needle
+passkey  the Mohtashami & Jaggi prompt as BAM evaluates it (docs/findings.md, "Retrieval"), one needle
 niah     several "special magic <city> number" needles, each asked about at the end (scale-invariant paper)
 loss     validation loss at each length, overall and per position bucket
 

@@ -64,7 +64,7 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size (n_embd / n_head) must be even for rotary")
-        if self.ssmax_init is None:  # QK-norm gives the logits unit scale; s_h = 1 then made them too hot to learn (README)
+        if self.ssmax_init is None:  # QK-norm gives the logits unit scale; s_h = 1 then made them too hot to learn (docs/findings.md)
             self.ssmax_init = 1 / math.log(max(2, self.block_size)) if self.qk_norm else 1.0
         if self.rope_fraction is None:  # resolved here, so the checkpoint stores the fraction it trained with
             self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)
@@ -243,7 +243,7 @@ class GPT(nn.Module):
         init). Every token then carries the few tokens before it, so one attention layer can
         match "the tokens before you are the ones before me" and copy: an induction head without
         first learning a previous-token head, which a tiny model does not manage in minutes
-        (README, "Retrieval"). Nothing crosses a document boundary; with a KV cache the first new
+        (docs/findings.md, "Retrieval"). Nothing crosses a document boundary; with a KV cache the first new
         tokens mix with the last cached ones."""
         K, (B, T, C) = self.config.prev_tokens, x.shape
         past = cache.past_embeddings if cache is not None else None

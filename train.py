@@ -1,11 +1,10 @@
 """
 Train a GPT on one device, or on several with torchrun. Every setting is a flag (python train.py
---help); a JSON or TOML config file may set defaults (--config file.toml), and flags override it.
+--help); a recipe, a JSON or TOML file of settings (config/*.toml), sets them too, and flags win over it.
 
-    python data/prepare.py synthetic && python train.py                 # CPU, a few minutes
-    python train.py --data data/fineweb --n-layer 12 --n-head 12 --n-embd 768 \\
-        --block-size 1024 --batch-size 16 --grad-accum 32 --attention bam   # one GPU
-    torchrun --standalone --nproc_per_node=8 train.py ... --grad-accum 4  # the same model on 8 GPUs
+    python data/prepare.py synthetic && python train.py --config config/main.toml   # the main job: CPU, minutes
+    python train.py --config config/gpt2_124m.toml                                  # GPT-2 124M on one GPU
+    torchrun --standalone --nproc_per_node=8 train.py --config config/gpt2_124m.toml --grad-accum 4  # on 8 GPUs
 
 Under torchrun a step reads nproc x --grad-accum micro-batches of --batch-size sequences, the same
 ones a single process reads with --grad-accum nproc x grad_accum, and gives the same gradient.
@@ -39,8 +38,7 @@ class TrainConfig:
     data: str = param("data/synthetic", "prepared data folder (train_*.bin, val_*.bin, meta.json)")
     out_dir: str = param("out", "folder for checkpoints (last.pt, best.pt) and log.jsonl")
     resume: bool = param(False, "continue from out_dir/last.pt exactly where it stopped, with its settings; a flag "
-                         "given again with another value is applied and said, or refused (README, \"Changing a flag "
-                         "on resume\")")
+                         "given again with another value is applied and said, or refused (docs/resume.md)")
     device: str = param("auto", "auto | cpu | cuda | cuda:N | mps")
     dtype: str = param("auto", "auto | float32 | bfloat16 (auto: bfloat16 on CUDA where supported)",
                        choices=("auto", "float32", "bfloat16"))

@@ -61,7 +61,7 @@ def restore(checkpoint, optimizer, config, train_loader, device):
 
 
 # ----------------------------------------------------------------------------------------
-# what --resume may change (README, "Stop and resume"). A resumed run takes its checkpoint's
+# what --resume may change (docs/resume.md). A resumed run takes its checkpoint's
 # settings, but for THIS_MACHINE's, which are the command's. A setting given again with another
 # value is applied from the resumed step on, and said, where RESUME_CHANGES lists it: how the run
 # executes, or its optimisation from here on. Any other change is refused with the reason below:

@@ -7,7 +7,7 @@ that never touches torch.distributed. train.py wraps the compiled model in Distr
 and uses the few collectives below: the step's counted targets and loss summed over the ranks, a
 stop signal seen by any rank, and a barrier after the save of a stop. check_world says whether a
 checkpoint continues exactly on this many processes, with this --batch-size and --grad-accum
-(README, "Several GPUs (torchrun)").
+(docs/torchrun.md).
 """
 import os
 import sys

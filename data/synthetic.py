@@ -4,7 +4,7 @@ Each document is the passkey prompt of Mohtashami & Jaggi (2023), as BAM evaluat
 short length: the instruction, 1 to 6 filler sentences (the evaluation's cycle), the needle "The
 pass key is <key>. Remember it. <key> is the pass key." at a random sentence boundary, then the
 question and the key, with a random 3-7 digit key. The key after the question is marked as the
-answer: prepare.py trains on the answers only. Measured (README, "Retrieval"): a 4-layer model
+answer: prepare.py trains on the answers only. Measured (docs/findings.md, "Retrieval"): a 4-layer model
 learns to retrieve from such short documents in a few hundred steps, and the skill holds far
 beyond the training length; with the loss on every token, with longer filler, or with other
 kinds of documents mixed in, it learned nothing in the same budget.

@@ -1,6 +1,6 @@
 """
 The flex engine: FlexAttention with a causal (+ document) block mask, fused and compiled on CUDA,
-eager and forward only elsewhere (README, "Engines": how it runs under torch.compile).
+eager and forward only elsewhere (docs/engines.md: how it runs under torch.compile).
 """
 import warnings
 

@@ -3,7 +3,6 @@ writes it, and the scores the model must refuse."""
 import dataclasses
 import json
 import os
-import re
 
 import pytest
 import torch
@@ -11,8 +10,7 @@ import torch.nn as nn
 
 import train
 from attention import VARIANTS, NoPE, document_ids, prior_score
-from model import load_checkpoint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = dict(n_layer=3, n_head=2, n_embd=32, vocab_size=64, block_size=32)
@@ -24,19 +22,6 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "synthetic"
     assert prepare.main(["synthetic", "--docs", "40", "--val-docs", "8", "--out", str(out)]) in (0, None)
     return str(out)
-
-
-@pytest.fixture
-def fire(monkeypatch):
-    """The FIRE class of the README's "Adding a prior", with its registry line run as written."""
-    with open(os.path.join(ROOT, "README.md")) as f:
-        readme = f.read()
-    code = re.search(r"```python\n(.*?)```", readme[readme.index("## Adding a prior"):], re.S).group(1)
-    monkeypatch.setitem(VARIANTS, "fire", None)  # the registry line below replaces it; undone after the test
-    namespace = {"nn": nn, "torch": torch, "prior_score": prior_score, "VARIANTS": VARIANTS}
-    exec(code, namespace)
-    assert VARIANTS["fire"] is namespace["FIRE"]
-    return namespace["FIRE"]
 
 
 @pytest.mark.parametrize("per_layer", [False, True])

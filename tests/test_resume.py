@@ -1,5 +1,5 @@
 """--resume: a checkpoint continues on another device, and every flag of train.py given again with
-another value is applied and said, or refused in one line (README, "Stop and resume")."""
+another value is applied and said, or refused in one line (docs/resume.md)."""
 import json
 import os
 import shutil

@@ -324,7 +324,7 @@ def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, 
 
 
 def test_a_token_goes_from_a_shard_to_the_loss_through_four_files(data_dir):
-    """README, Layout: the default training step (bam + SSMax on a CPU) runs code of data/shards.py,
+    """README, "What is where": the default training step (bam + SSMax on a CPU) runs code of data/shards.py,
     train.py (the caller here), model.py and attention.py only."""
     from data.shards import TokenLoader, read_meta
     from model import GPTConfig
