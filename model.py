@@ -1,8 +1,9 @@
 """
 A compact GPT whose positional signal is one config field (attention.py has the variants), and
-`attend`, which runs a layer's attention on the engine its AttentionArgs name.
-Pre-norm RMSNorm blocks, no biases, tied embeddings, optional QK-norm, GELU MLP.
-Runs past its training length: nothing here depends on a maximum sequence length.
+`attend`, which runs a layer's attention on the engine its AttentionArgs name: sdpa here, the
+others through engines.attend. Pre-norm RMSNorm blocks, no biases, tied embeddings, optional
+QK-norm, GELU MLP. Runs past its training length: nothing here depends on a maximum sequence
+length. load_checkpoint, at the end, rebuilds a trained model from its checkpoint.
 """
 import math
 import os
@@ -64,7 +65,7 @@ class GPTConfig:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("head size (n_embd / n_head) must be even for rotary")
-        if self.ssmax_init is None:  # QK-norm gives the logits unit scale; s_h = 1 then made them too hot to learn (docs/findings.md)
+        if self.ssmax_init is None:  # QK-norm gives the logits unit scale: s_h = 1 made them too hot (docs/findings.md)
             self.ssmax_init = 1 / math.log(max(2, self.block_size)) if self.qk_norm else 1.0
         if self.rope_fraction is None:  # resolved here, so the checkpoint stores the fraction it trained with
             self.rope_fraction = fitted_rope_fraction(self.n_embd // self.n_head, self.rope_base, self.block_size)
