@@ -153,8 +153,9 @@ def parse_args(argv):
                    help="autocast dtype (default: bfloat16 on CUDA, float16 where bf16 is unsupported, "
                         "float32 elsewhere)")
     p.add_argument("--engine", choices=ENGINES, default="auto",
-                   help="attention engine; auto = sdpa's flash kernel for plain NoPE (no SSMax) everywhere; for the "
-                        "others flex on CUDA and the chunked engine's inference tiles elsewhere (default: auto)")
+                   help="attention engine; auto = sdpa for plain NoPE (no SSMax, no documents; off CUDA only where "
+                        "every position is a query), else flex on CUDA and the chunked engine's inference tiles "
+                        "elsewhere (default: auto)")
     p.add_argument("--attn-block", type=flag_type(int, "[1, inf)"), default=512,
                    help="query tile of the chunked engine; memory ~ 5 x heads x block x length bytes (default: 512)")
     p.add_argument("--max-memory-gb", type=flag_type(float, "(0, inf)"),

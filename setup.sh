@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install what the project needs (idempotent: a second run installs nothing).
-# TORCH_SPEC picks the torch build, e.g. TORCH_SPEC="torch==2.13.0" (default) or "torch>=2.5".
+# TORCH_SPEC picks the torch build, e.g. TORCH_SPEC="torch==2.13.0" (default) or "torch>=2.6".
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}

@@ -199,7 +199,7 @@ def parse_args(argv):
 
     p = add("synthetic", "short passkey documents in the evaluation's format, loss on the answers (data/synthetic.py)",
             tokenizer="words")
-    p.add_argument("--docs", type=flag_type(int, "[1, inf)"), default=30000, help="training documents (default: 30000, about 3M word tokens)")
+    p.add_argument("--docs", type=flag_type(int, "[1, inf)"), default=30000, help="training documents (default: 30000, about 3.8M word tokens)")
     p.add_argument("--val-docs", type=flag_type(int, "[1, inf)"), default=500, help="validation documents (default: 500, about 50K word tokens)")
     p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed; the same seed gives the same data (default: 1337)")
     p.add_argument("--pack", type=flag_type(int, "[0, inf)"), default=128,

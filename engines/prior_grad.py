@@ -3,7 +3,7 @@ Exact gradients for a learned positional prior and the SSMax scale, without flex
 
 FlexAttention sums the gradient of a tensor that its score_mod reads (a prior's table, the SSMax
 factor) with an atomic add per score element: inside a compiled GPT-2 124M step on an H100 that
-made BAM+SSMax 3.7x slower than the same kernel with the table detached (docs/performance.md). Yet a prior
+made BAM+SSMax 3.7x slower than the same kernel with the table detached (docs/engines.md). Yet a prior
 has a few parameters per head. Here attention runs with detached tables and the SSMax factor
 folded into q, and the parameters get their exact gradient from one more attention pass, run
 forward only, for all of them at once.

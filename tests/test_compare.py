@@ -161,3 +161,21 @@ def test_inspector_names_each_heads_class_and_the_ssmax_scales(tmp_path, capsys)
 def test_inspector_errors_are_one_line(tmp_path, capsys):
     assert inspect_prior.main(["--ckpt", str(tmp_path / "none.pt")]) == 2
     assert capsys.readouterr().err.startswith("error: no checkpoint at")
+
+
+def test_a_run_takes_the_recipe_and_the_flags_win(tmp_path, monkeypatch):
+    """compare.py's default recipe is config/compare.toml; --data, --steps, --block-size and --qk-norm win over a
+    recipe, and a recipe's own data is used when --data is not given."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    one = ["--variants", "nope", "--ssmax", "on", "--seeds", "1"]
+    settings = compare.plan_runs(compare.parse_args(one))[0]["settings"]
+    assert (settings["max_steps"], settings["block_size"], settings["qk_norm"]) == (600, 128, True)
+    assert settings["eval_interval"] == 200 and settings["data"] == "data/synthetic"
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('data = "data/elsewhere"\nmax_steps = 90\n')
+    settings = compare.plan_runs(compare.parse_args(one + ["--config", str(recipe)]))[0]["settings"]
+    assert (settings["data"], settings["max_steps"], settings.get("qk_norm")) == ("data/elsewhere", 90, None)
+    flags = ["--data", "data/mine", "--steps", "30", "--block-size", "64", "--no-qk-norm"]
+    settings = compare.plan_runs(compare.parse_args(one + ["--config", str(recipe), *flags]))[0]["settings"]
+    assert (settings["data"], settings["max_steps"], settings["eval_interval"]) == ("data/mine", 30, 10)
+    assert (settings["block_size"], settings["qk_norm"]) == (64, False)

@@ -5,12 +5,12 @@ with the same recipe and the same seeds, then evaluate each one beyond the train
     python tools/compare.py                          # the default grid (README, "Compare the variants")
     python tools/compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
     python tools/compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
-    python tools/compare.py --tasks loss --data data/shakespeare --config config/shakespeare.toml
+    python tools/compare.py --tasks loss --config config/shakespeare.toml --lengths 1x,4x,16x,32x
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
 papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with the recipe of
 --config (config/compare.toml: the main job's plus QK-norm; a TOML or JSON file of train.py
-settings, read as data; --steps, --block-size and --qk-norm here win over it), and goes to
+settings, read as data; --data, --steps, --block-size and --qk-norm here win over it), and goes to
 --out-dir/runs/<variant>-ssmax_<on|off>-seed<S>-<hash of the settings>/. A finished run is reused
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
 length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
@@ -70,7 +70,7 @@ def parse_args(argv):
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
                    help="QK-norm in every run (default: the recipe's; config/compare.toml has it on: without it the "
                         "SSMax-off models do not learn to retrieve in 600 steps, docs/findings.md)")
-    p.add_argument("--data", default="data/synthetic", help="prepared data folder (default: data/synthetic)")
+    p.add_argument("--data", help="prepared data folder (default: the recipe's, else data/synthetic)")
     p.add_argument("--tasks", type=comma_list(list(TASKS)), default=["passkey"],
                    help="passkey, loss or passkey,loss (default: passkey)")
     p.add_argument("--lengths", help="evaluation lengths, as eval_extrapolate.py takes them (default: 1x,4x,16x)")
@@ -99,8 +99,9 @@ def plan_runs(args):
     for variant in args.variants:
         for ssmax in args.ssmax:
             for seed in args.seeds:
-                argv = ["--config", args.config, "--data", args.data, *VARIANT_FLAGS[variant], *SSMAX_FLAGS[ssmax],
-                        "--seed", str(seed)]
+                argv = ["--config", args.config, *VARIANT_FLAGS[variant], *SSMAX_FLAGS[ssmax], "--seed", str(seed)]
+                if args.data is not None:
+                    argv += ["--data", args.data]
                 if args.steps is not None:
                     argv += ["--max-steps", str(args.steps), "--eval-interval", str(max(1, args.steps // 3))]
                 if args.block_size is not None:
@@ -257,7 +258,7 @@ def stop_on_sigterm(signum, frame):
 def main(argv=None):
     args = parse_args(argv)
     runs = plan_runs(args)
-    args.steps, args.block_size = (runs[0]["settings"][k] for k in ("max_steps", "block_size"))  # the recipe's
+    args.steps, args.block_size, args.data = (runs[0]["settings"][k] for k in ("max_steps", "block_size", "data"))
     try:
         lengths = eval_extrapolate.parse_lengths(args.lengths, args.block_size)
         eval_extrapolate.parse_depths(args.depths)
