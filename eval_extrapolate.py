@@ -3,11 +3,18 @@ Retrieval and loss far beyond the training length.
 
     python eval_extrapolate.py --ckpt out/ckpt.pt --task passkey --lengths 1x,4x,16x,64x --depths 0,0.5,1
     python eval_extrapolate.py --ckpt out/ckpt.pt --task niah --lengths 1x,16x --haystack book.txt
+    python eval_extrapolate.py --ckpt out/tasks/ckpt.pt --task latest --lengths 1x,4x,16x
     python eval_extrapolate.py --ckpt out/ckpt.pt --task loss --lengths 1x,4x,16x --data data/synthetic
 
-passkey  the Mohtashami & Jaggi prompt as BAM evaluates it (docs/findings.md, "Retrieval"), one needle
-niah     several "special magic <city> number" needles, each asked about at the end (scale-invariant paper)
-loss     validation loss at each length, overall and per position bucket
+passkey   the Mohtashami & Jaggi prompt as BAM evaluates it (docs/findings.md, "Retrieval"), one needle
+niah      several "special magic <city> number" needles, each asked about at the end (scale-invariant paper)
+latest    --needles "The pass key is <key>." with different keys, the last at the depth, the first at 0,
+          the others evenly between; asks for the latest key
+first     the same prompts; asks for the first key
+multikey  --needles city needles placed as niah places them; asks for the first city's number only
+loss      validation loss at each length, overall and per position bucket
+
+latest, first and multikey need a model trained on their data (python data/prepare.py tasks).
 
 Lengths are multiples of the training length ("4x") or token counts ("8192"). Retrieval is
 scored teacher-forced, with logits only at the answer positions: no T x vocab tensor is built.
@@ -29,10 +36,12 @@ from common.checkpoint import save_json
 from model import load_checkpoint
 from common.settings import Parser, StopSignals, autocast, flag_type, output_file, pick_device, pick_dtype, run_main
 from common.sweep import accuracy_grid, content_digest, finished_sweep, print_grid, print_losses, save_heatmap
-from data.retrieval import answer_logits, judge, niah_sample, passkey_sample
+from data.retrieval import answer_logits, judge, task_sample
 from data.shards import LOSS_MASK_DIR, load_tokens, read_header, read_meta, tokenizer_from_meta
 from data.synthetic import CITIES
 from engines.memory import check_memory
+
+RETRIEVAL_TASKS = ("passkey", "niah", "latest", "first", "multikey")
 
 # -----------------------------------------------------------------------------
 # the loss by position
@@ -126,25 +135,30 @@ def parse_depths(text):
 def parse_args(argv):
     p = Parser(prog="eval_extrapolate.py", description=__doc__)
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--task", choices=("passkey", "niah", "loss"), default="passkey",
-                   help="passkey retrieval, needle in a haystack, or validation loss (default: passkey)")
+    p.add_argument("--task", choices=RETRIEVAL_TASKS + ("loss",), default="passkey",
+                   help="passkey retrieval, needle in a haystack, the latest or the first of several keys, one "
+                        "labelled key among distractors (multikey), or validation loss (default: passkey)")
     p.add_argument("--lengths", default="1x,4x,16x,64x",
                    help="comma-separated total lengths: multiples of the training length (4x) or token "
                         "counts (8192) (default: 1x,4x,16x,64x)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1",
                    help="needle depths in [0, 1]: 0 = right after the prefix (farthest from the question), "
-                        "1 = just before the question; even:N = N depths evenly spaced (default: 0,0.25,0.5,0.75,1)")
+                        "1 = just before the question; niah and multikey: of the first needle, latest and first: of "
+                        "the last one; even:N = N depths evenly spaced (default: 0,0.25,0.5,0.75,1)")
     p.add_argument("--samples", type=flag_type(int, "[1, inf)"), default=5,
                    help="samples per (length, depth) cell; for loss, windows per length (default: 5)")
     p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed of keys, cities and windows (default: 1337)")
-    p.add_argument("--digits", type=flag_type(int, "[1, inf)"), default=5, help="passkey digits (default: 5)")
+    p.add_argument("--digits", type=flag_type(int, "[1, inf)"), default=5,
+                   help="digits of the keys of passkey, latest, first and multikey (default: 5)")
     p.add_argument("--prefix-digits", type=flag_type(int, "[0, inf)"), default=0,
                    help="passkey: the question gives the key's first N digits and only the rest is scored (default: 0)")
     p.add_argument("--patience", type=flag_type(int, "[0, inf)"), default=0,
                    help="stop the sweep after N lengths in a row at 0 accuracy; the longer ones are skipped "
                         "(0: never; default: 0)")
-    p.add_argument("--needles", type=flag_type(int, f"[1, {len(CITIES)}]"), default=3, help="niah: needles per prompt (default: 3)")
-    p.add_argument("--haystack", help="niah: a text file to cut the haystack from (default: the passkey filler)")
+    p.add_argument("--needles", type=flag_type(int, f"[1, {len(CITIES)}]"), default=3,
+                   help="niah, latest, first, multikey: needles per prompt (default: 3)")
+    p.add_argument("--haystack", help="niah, latest, first, multikey: a text file to cut the haystack from "
+                                      "(default: the passkey filler)")
     p.add_argument("--data", help="loss: a prepared dataset folder with val_*.bin and meta.json "
                                   "(default: the checkpoint's training data)")
     p.add_argument("--loss-chunk", type=flag_type(int, "[1, inf)"), default=4096, help="loss: positions per lm_head call (default: 4096)")
@@ -171,6 +185,8 @@ def parse_args(argv):
     ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]  # best.pt and last.pt of a run: two files
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                         f"eval_{args.task}_{ckpt_name}.json")
+    if args.task in ("latest", "first", "multikey") and args.needles < 2:
+        p.error(f"--task {args.task} needs --needles 2 or more: with one needle there is nothing to tell apart")
     if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
     return args
@@ -194,8 +210,7 @@ def build_cells(model, enc, lengths, depths, args):
             for i in range(args.samples):
                 rng = random.Random(f"{args.seed}/{n}/{depth}/{i}")
                 cells.setdefault((label, n), {}).setdefault(depth, []).append(
-                    passkey_sample(enc, n, depth, args.digits, rng, args.prefix_digits) if args.task == "passkey"
-                    else niah_sample(enc, n, depth, args.needles, haystack, rng))
+                    task_sample(enc, args.task, n, depth, args, haystack, rng))
     if max(int(s["tokens"].max()) for by_depth in cells.values() for samples in by_depth.values()
            for s in samples) >= model.config.vocab_size:
         raise ValueError(f"the tokenizer gives ids >= the model's vocab_size {model.config.vocab_size}")
@@ -232,6 +247,7 @@ def score_cells(model, enc, cells, device, ctx, patience=0, done=(), saved=None,
                         cell.append({"length": n, "label": label, "actual_length": len(sample["tokens"]) - 1,
                                      "depth": sample["depth"], "needle": k, "needle_depth": at,
                                      "needle_at": sample["needle_at"][k], "key": sample["keys"][k],
+                                     "needles_at": sample.get("all_needles_at", sample["needle_at"]),
                                      **verdict, "seconds": time.time() - start})
                     bar.update()
                 results += cell
@@ -369,7 +385,7 @@ def main(argv=None):
         return 128 + stop.signum
     if args.task != "loss":
         save_heatmap(summary, lengths, evaluation["depths"], os.path.splitext(out)[0] + ".png",
-                     f"{args.task}: {settings['attention']}, trained at {settings['block_size']} tokens")
+                     f"{args.task}: {settings['attention']}, trained at {settings['block_size']} tokens", args.task)
     print(f"wrote {out}")
     return 0
 

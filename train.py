@@ -60,6 +60,8 @@ class TrainConfig:
     doc_mask: bool = param(False, "document masking: attention and SSMax counts stay inside a document")
     eval_interval: int = param(50, "evaluate and checkpoint every this many steps", "[1, inf)")
     eval_batches: int = param(8, "validation batches per evaluation", "[1, inf)")
+    keep_checkpoints: bool = param(False, "also keep each evaluation's checkpoint as step_<N>.pt, for learning curves "
+                                   "(tools/compare.py --curve)")
     log_interval: int = param(10, "write a log.jsonl line (loss, gradient norm, lr, tokens/s) every this many steps",
                               "[1, inf)")
 
@@ -348,6 +350,8 @@ def main(argv=None):
                     best_val = val_loss
                     save("best.pt")
                 save("last.pt")
+                if config.keep_checkpoints:
+                    save(f"step_{step}.pt")
             if last_step:
                 break
             lr = learning_rate(step, config)

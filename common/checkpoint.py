@@ -70,8 +70,8 @@ def restore(checkpoint, optimizer, config, train_loader, device):
 
 THIS_MACHINE = ("device", "dtype", "compile")
 RUNTIME_FIELDS = ("engine", "attn_block", "prior_grad")  # model settings of how it runs, not of what it computes
-RESUME_CHANGES = (*RUNTIME_FIELDS, "eval_interval", "eval_batches", "log_interval", "max_steps", "lr", "min_lr_ratio",
-                  "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+RESUME_CHANGES = (*RUNTIME_FIELDS, "eval_interval", "eval_batches", "keep_checkpoints", "log_interval", "max_steps",
+                  "lr", "min_lr_ratio", "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip")
 RESUME_REFUSES = {"seed": "the seed starts a run (its init), while a resumed run continues its saved random state",
                   "doc_mask": "it changes what the model attends to",
                   "decay_embeddings": "it changes the optimizer's parameter groups"}

@@ -54,8 +54,13 @@ def accuracy_grid(results, lengths, depths):
     return {str(d): {label: accuracy(n, d) for label, n in lengths} for d in depths + ["all"]}
 
 
+# what a row's depth is the depth of, per task
+DEPTH_OF = {"niah": "depth of the first needle", "multikey": "depth of the asked needle",
+            "latest": "depth of the last needle", "first": "depth of the last needle; the first is at 0"}
+
+
 def print_grid(grid, lengths, name):
-    rows = "depth of the first needle" if name == "niah" else "needle depth"
+    rows = DEPTH_OF.get(name, "needle depth")
     print(f"\n{name} accuracy, rows: {rows}, columns: length")
     print("depth".ljust(8) + "".join(f"{f'{label} ({n})':>16}" for label, n in lengths))
     for depth, row in grid.items():
@@ -73,7 +78,7 @@ def print_losses(summary, masked):
         print(f"{s['label']} ({s['length']})".ljust(18) + f"{s['loss']:>8.3f}" + cells)
 
 
-def save_heatmap(grid, lengths, depths, path, title):
+def save_heatmap(grid, lengths, depths, path, title, task):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -87,7 +92,7 @@ def save_heatmap(grid, lengths, depths, path, title):
     ax.set_xticks(range(len(lengths)), [f"{label}\n{n}" for label, n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xlabel("length (tokens)")
-    ax.set_ylabel("needle depth")
+    ax.set_ylabel(DEPTH_OF.get(task, "needle depth"))
     ax.set_title(title)
     fig.colorbar(im, label="accuracy")
     fig.savefig(path, dpi=120, bbox_inches="tight")

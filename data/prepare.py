@@ -1,6 +1,7 @@
 """Prepare a dataset: token shards (train_*.bin, val_*.bin) and a meta.json in one folder.
 
     python data/prepare.py synthetic                        # the default: no download, seconds
+    python data/prepare.py tasks                            # passkey, latest, first and multikey mixed
     python data/prepare.py text --input notes/ book.txt --out data/mytext
     python data/prepare.py shakespeare                      # downloads TinyShakespeare (1 MB)
     python data/prepare.py fineweb --shards 1               # GPT-2 tokens of FineWeb-10B, 200 MB a shard
@@ -19,9 +20,9 @@ import urllib.request
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 from tqdm import tqdm
 
-from common.settings import Parser, flag_type, run_main
+from common.settings import Parser, comma_list, flag_type, run_main
 from data.shards import LOSS_MASK_DIR, ShardWriter, read_header, read_meta, write_meta
-from data.synthetic import generate_documents, text_of
+from data.synthetic import TASKS, generate_documents, text_of, vocabulary
 from data.tokenizer import GPT2_EOT, TOKENIZERS, get_tokenizer
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -39,7 +40,7 @@ def tokenize(docs, total, folder, args, pack=0):
     counts the loss on those alone. pack > 0: no document shorter than pack tokens straddles a
     multiple of pack, so every training window of a multiple of pack tokens starts at a
     document (a question whose fact was cut off into the previous window teaches nothing)."""
-    enc = get_tokenizer(args.tokenizer, args.ranks_file)
+    enc = get_tokenizer(args.tokenizer, args.ranks_file, vocabulary(args.tasks) if "tasks" in args else None)
     writers = {split: ShardWriter(folder, split, args.shard_size) for split in ("train", "val")}
     mask_dir = os.path.join(folder, LOSS_MASK_DIR)
     masks = {split: ShardWriter(mask_dir, split, args.shard_size) for split in ("train", "val")}
@@ -148,8 +149,9 @@ def tokenize_files(files, folder, args):
 def synthetic(args, folder):
     n = args.val_docs + args.docs  # one stream: the first val_docs documents are val
     docs = (("val" if i < args.val_docs else "train", d if args.loss_on == "answers" else text_of(d))
-            for i, d in enumerate(generate_documents(n, args.seed)))
-    return dict(tokenize(docs, n, folder, args, args.pack), source=f"data/synthetic.py, seed {args.seed}")
+            for i, d in enumerate(generate_documents(n, args.seed, args.tasks)))
+    return dict(tokenize(docs, n, folder, args, args.pack), source=f"data/synthetic.py, seed {args.seed}, "
+                                                                   f"tasks {','.join(args.tasks)}")
 
 
 def text(args, folder):
@@ -174,7 +176,7 @@ def fineweb(args, folder):
                 files=[local for _, local in names], source=args.base_url, **counts)
 
 
-BUILDERS = {"synthetic": synthetic, "text": text, "shakespeare": shakespeare, "fineweb": fineweb}
+BUILDERS = {"synthetic": synthetic, "tasks": synthetic, "text": text, "shakespeare": shakespeare, "fineweb": fineweb}
 
 # -----------------------------------------------------------------------------
 
@@ -197,17 +199,26 @@ def parse_args(argv):
             p.add_argument("--shard-size", type=flag_type(int, "[1, inf)"), default=10**7, help="tokens per shard file (default: 10M)")
         return p
 
-    p = add("synthetic", "short passkey documents in the evaluation's format, loss on the answers (data/synthetic.py)",
-            tokenizer="words")
-    p.add_argument("--docs", type=flag_type(int, "[1, inf)"), default=30000, help="training documents (default: 30000, about 3.8M word tokens)")
-    p.add_argument("--val-docs", type=flag_type(int, "[1, inf)"), default=500, help="validation documents (default: 500, about 50K word tokens)")
-    p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337, help="random seed; the same seed gives the same data (default: 1337)")
-    p.add_argument("--pack", type=flag_type(int, "[0, inf)"), default=128,
-                   help="row length: documents never straddle a multiple of it, so windows of any multiple "
-                        "of it (--block-size 128, 256, 384 ...) start at a document (0: plain concatenation; default: 128)")
-    p.add_argument("--loss-on", choices=("answers", "all"), default="answers",
-                   help="tokens the training loss counts: the answers (what earlier text in the document "
-                        "determines; a tiny model learns retrieval only so), or all (default: answers)")
+    for name, tasks, description in (
+            ("synthetic", "passkey", "short passkey documents in the evaluation's format, loss on the answers "
+                                     "(data/synthetic.py)"),
+            ("tasks", ",".join(TASKS), "a mix of short retrieval documents in the evaluation's format, each one task "
+                                       "(passkey, latest, first, multikey), loss on the answers (data/synthetic.py)")):
+        p = add(name, description, tokenizer="words")
+        p.add_argument("--tasks", type=comma_list(TASKS), default=tasks,
+                       help=f"the tasks to mix, each document one of them, drawn uniformly (default: {tasks})")
+        p.add_argument("--docs", type=flag_type(int, "[1, inf)"), default=30000,
+                       help="training documents (default: 30000: 3.8M word tokens of passkey, 3.2M of the four tasks)")
+        p.add_argument("--val-docs", type=flag_type(int, "[1, inf)"), default=500,
+                       help="validation documents (default: 500, about 50K word tokens)")
+        p.add_argument("--seed", type=flag_type(int, "[0, inf)"), default=1337,
+                       help="random seed; the same seed gives the same data (default: 1337)")
+        p.add_argument("--pack", type=flag_type(int, "[0, inf)"), default=128,
+                       help="row length: documents never straddle a multiple of it, so windows of any multiple of it "
+                            "(--block-size 128, 256, 384 ...) start at a document (0: plain concatenation; default: 128)")
+        p.add_argument("--loss-on", choices=("answers", "all"), default="answers",
+                       help="tokens the training loss counts: the answers (what earlier text in the document "
+                            "determines; a tiny model learns retrieval only so), or all (default: answers)")
     p = add("text", "local text files, one document per file")
     p.add_argument("--input", nargs="+", required=True, help="files, or folders searched recursively for *.txt and *.md")
     p.add_argument("--val-fraction", type=flag_type(float, "(0, 1)"), default=0.05,

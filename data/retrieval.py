@@ -1,12 +1,13 @@
 """
-Passkey and needle-in-a-haystack prompts, built at the token level so their length is exact,
-and their teacher-forced scoring (eval_extrapolate.py runs them at many lengths).
+Passkey, needle-in-a-haystack, latest, first and multikey prompts, built at the token level so
+their length is exact, and their teacher-forced scoring (eval_extrapolate.py runs them at many
+lengths).
 """
 import numpy as np
 import torch
 
-from data.synthetic import (CITIES, NIAH_NEEDLE, NIAH_QUESTION, PASSKEY_FILLER, PASSKEY_NEEDLE, PASSKEY_PREFIX,
-                            PASSKEY_QUESTION)
+from data.synthetic import (CITIES, KEY_NEEDLE, NIAH_NEEDLE, NIAH_QUESTION, ORDER_QUESTIONS, PASSKEY_FILLER,
+                            PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION, random_keys)
 
 # the passkey prompt, exactly as Mohtashami & Jaggi (2023) wrote it and BAM's evaluator uses it
 PREFIX = PASSKEY_PREFIX
@@ -23,6 +24,9 @@ def encode(enc, text):
     tokens = enc.encode_ordinary(text)
     if enc.decode(tokens) != text:
         raise ValueError(f"the {enc.name!r} tokenizer cannot encode {text[:40]!r} (decoding does not give it back)")
+    if enc.name == "words" and min(tokens, default=enc.eot_token) < enc.eot_token:  # spelt in bytes: an unknown word
+        raise ValueError(f"{text.strip()[:60]!r} has words the model's vocabulary lacks: it was trained on data without "
+                         f"this task; train on `python data/prepare.py tasks` for latest, first and multikey")
     return tokens
 
 
@@ -96,6 +100,44 @@ def niah_sample(enc, length, depth, n_needles, haystack, rng):
     sample = make_sample(enc, length, None, needles, depths, qa, haystack, rng)
     return dict(sample, depth=depth, needle_depths=depths, cities=cities, keys=numbers)
 
+def order_sample(enc, length, depth, n_needles, digits, task, haystack, rng):
+    """latest or first: n needles "The pass key is <key>." with different keys, needle k at depth
+    depth * k / (n - 1): the last at `depth`, the first right after the opening, the others evenly
+    between. The question asks for the last one (latest) or the first one; the same rng gives the
+    same prompt for both. `distractors`: the keys not asked for."""
+    keys = random_keys(rng, n_needles, digits)
+    depths = [depth * k / (n_needles - 1) for k in range(n_needles)]
+    asked = n_needles - 1 if task == "latest" else 0
+    sample = make_sample(enc, length, None, [KEY_NEEDLE.format(key=k) for k in keys], depths,
+                         [(ORDER_QUESTIONS[task], " " + keys[asked])], haystack, rng)
+    return dict(sample, depth=depth, needle_depths=[depths[asked]], needle_at=[sample["needle_at"][asked]],
+                all_needles_at=sample["needle_at"], keys=[keys[asked]], distractors=keys[:asked] + keys[asked + 1:])
+
+
+def multikey_sample(enc, length, depth, n_needles, digits, haystack, rng):
+    """n "special magic <city> number" needles placed as niah places them (the first at `depth`,
+    the others evenly spread); the question asks for the first city's number only, the others are
+    distractors."""
+    cities = rng.sample(CITIES, n_needles)
+    numbers = random_keys(rng, n_needles, digits)
+    depths = [d - 1 if d > 1 else d for d in (depth + k / n_needles for k in range(n_needles))]
+    needles = [NIAH_NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers)]
+    sample = make_sample(enc, length, None, needles, depths, [(NIAH_QUESTION.format(city=cities[0]), " " + numbers[0])],
+                         haystack, rng)
+    return dict(sample, depth=depth, needle_depths=[depth], needle_at=sample["needle_at"][:1],
+                all_needles_at=sample["needle_at"], cities=cities, keys=numbers[:1], distractors=numbers[1:])
+
+
+def task_sample(enc, task, length, depth, args, haystack, rng):
+    """One prompt of a retrieval task; args: eval_extrapolate.py's flags (digits, prefix_digits, needles)."""
+    if task == "passkey":
+        return passkey_sample(enc, length, depth, args.digits, rng, args.prefix_digits)
+    if task == "niah":
+        return niah_sample(enc, length, depth, args.needles, haystack, rng)
+    if task == "multikey":
+        return multikey_sample(enc, length, depth, args.needles, args.digits, haystack, rng)
+    return order_sample(enc, length, depth, args.needles, args.digits, task, haystack, rng)
+
 # -----------------------------------------------------------------------------
 # scoring
 
@@ -111,11 +153,21 @@ def answer_logits(model, sample, device="cpu"):
 
 def judge(logits, sample, enc):
     """Per answer: correct iff the argmax equals the answer token at every answer position
-    (as BAM's evaluator scores it: the same as greedy decoding producing the key)."""
-    predicted, results, i = logits.argmax(dim=-1).tolist(), [], 0
+    (as BAM's evaluator scores it: the same as greedy decoding producing the key). `distractor`:
+    its first digit is another needle's and not the key's, i.e. it retrieved a needle not asked
+    for (teacher forcing gives it the key's own digits after that one)."""
+    def pieces(tokens):
+        return [(enc.decode_single_token_bytes(t) if t < enc.n_vocab else f"<{t}>".encode()).decode("utf-8", "replace")
+                for t in tokens]
+
+    argmax, results, i = logits.argmax(dim=-1).tolist(), [], 0
     for a, b in sample["answers"]:
-        guess, truth = predicted[i:i + b - a], sample["tokens"][a:b].tolist()
-        text = b"".join(enc.decode_single_token_bytes(t) if t < enc.n_vocab else f"<{t}>".encode() for t in guess)
-        results.append({"predicted": text.decode("utf-8", errors="replace"), "correct": guess == truth})
+        guess, truth = argmax[i:i + b - a], sample["tokens"][a:b].tolist()
+        said, meant = pieces(guess), pieces(truth)
+        at = next((j for j, piece in enumerate(meant) if any(c.isdigit() for c in piece)), 0)  # the first digit's token
+        digit, key_digit = (next((c for c in piece[at] if c.isdigit()), None) for piece in (said, meant))
+        others = {key[0] for key in sample.get("distractors", ())}
+        results.append({"predicted": "".join(said), "correct": guess == truth,
+                        "distractor": digit != key_digit and digit in others})
         i += b - a
     return results

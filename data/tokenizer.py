@@ -54,8 +54,8 @@ class WordTokenizer:
 
 
 def get_tokenizer(name, ranks_file=None, words=None):
-    """Return a tokenizer by name. "words": WordTokenizer over `words` (default: the synthetic
-    data's vocabulary; a dataset's meta.json records its list). "bytes": 256 byte tokens +
+    """Return a tokenizer by name. "words": WordTokenizer over `words` (default: the vocabulary
+    of every synthetic task; a dataset's meta.json records its list). "bytes": 256 byte tokens +
     <|endoftext|> = 256, no download. "gpt2": GPT-2 BPE, downloaded by tiktoken on first use,
     or built offline from ranks_file (e.g. the gpt2.tiktoken that openai/whisper ships)."""
     if name == "words":

@@ -2,6 +2,7 @@
 inspect_prior.py: CPU only, files only under tmp_path."""
 import json
 import os
+import re
 import signal
 import sys
 
@@ -118,12 +119,37 @@ def test_bad_grids_fail_before_training(setup, tmp_path, capsys):
     for extra, message in ((["--lengths", "0.5x"], "is too short for the prompt"),
                            (["--variants", "bam,fire"], "unknown 'fire'"),
                            (["--data", str(tmp_path / "none")], "no prepared dataset"),
-                           (["--tasks", "loss", "--lengths", "100x"], "the val split")):
+                           (["--tasks", "loss", "--lengths", "100x"], "the val split"),
+                           (["--tasks", "passkey,latest"], "vocabulary lacks")):
         with pytest.raises(SystemExit) as e:
             grid(setup, tmp_path, *extra)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists()
+
+def test_the_position_tasks_get_a_table_and_a_plot_each(setup, tmp_path, capsys):
+    data = tmp_path / "tasks"
+    assert prepare.main(["tasks", "--docs", "60", "--val-docs", "10", "--out", str(data)]) == 0
+    assert grid(setup, tmp_path, "--variants", "nope", "--ssmax", "on", "--lengths", "1x", "--data", str(data),
+                "--tasks", "latest,first,multikey", "--curve") == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "compare.json").read_text())
+    # --curve: a checkpoint kept at every evaluation (every step of 4 here), each scored on each task
+    assert "steps to learn each task at 1x (accuracy >= 0.9; one entry per seed)" in out
+    assert re.search(r"nope\s+on\s+>4\s+>4\s+>4", out)  # 4 steps learn nothing
+    assert [(c["task"], [s for s, _ in c["steps"]]) for c in result["curves"]] == \
+        [(task, [1, 2, 3, 4]) for task in ("latest", "first", "multikey")]
+    assert (tmp_path / "compare_curve.png").exists() or "curve plot skipped" in out
+    for task in ("latest", "first", "multikey"):
+        assert f"{task} accuracy (whole key right): mean over 1 seed(s), 3 prompts per cell" in out
+        assert result["summary"][task][0]["1x"]["count"] == 3
+        try:
+            import matplotlib  # noqa: F401
+            assert is_png(tmp_path / f"compare_{task}.png")
+        except ImportError:
+            pass
+    files = sorted(os.listdir(next((tmp_path / "runs").iterdir()) / "eval"))
+    assert [f.split("_")[0] for f in files] == ["first"] * 5 + ["latest"] * 5 + ["multikey"] * 5
 
 # -----------------------------------------------------------------------------
 # inspect_prior.py
@@ -179,3 +205,8 @@ def test_a_run_takes_the_recipe_and_the_flags_win(tmp_path, monkeypatch):
     settings = compare.plan_runs(compare.parse_args(one + ["--config", str(recipe), *flags]))[0]["settings"]
     assert (settings["data"], settings["max_steps"], settings["eval_interval"]) == ("data/mine", 30, 10)
     assert (settings["block_size"], settings["qk_norm"]) == (64, False)
+
+
+def test_a_task_counts_as_learned_from_the_first_checkpoint_at_the_threshold():
+    assert compare.learned_at([(100, 0.5), (200, 0.9), (300, 0.8), (400, 1.0)]) == 200
+    assert compare.learned_at([(100, 0.5), (200, 0.89)]) is None

@@ -388,12 +388,12 @@ def test_heatmap_is_a_png_or_a_note_without_matplotlib(tmp_path, capsys, monkeyp
     grid = {"0.0": {"1x": 1.0, "4x": 0.5}, "1.0": {"1x": 0.0, "4x": 1.0}}  # depth -> length -> accuracy
     args = (grid, [("1x", 128), ("4x", 512)], [0.0, 1.0])
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    E.save_heatmap(*args, str(tmp_path / "none.png"), "title")
+    E.save_heatmap(*args, str(tmp_path / "none.png"), "title", "passkey")
     assert "heatmap skipped: matplotlib is not installed" in capsys.readouterr().out
     assert not (tmp_path / "none.png").exists()
     monkeypatch.undo()
     pytest.importorskip("matplotlib")
-    E.save_heatmap(*args, str(tmp_path / "map.png"), "title")
+    E.save_heatmap(*args, str(tmp_path / "map.png"), "title", "passkey")
     assert (tmp_path / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

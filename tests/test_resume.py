@@ -87,6 +87,7 @@ RESUMES = {
     "doc_mask": (["--doc-mask"], ("refused", "what the model attends to")),
     "eval_interval": (["--eval-interval", "5"], "changes"),
     "eval_batches": (["--eval-batches", "2"], "changes"),
+    "keep_checkpoints": (["--keep-checkpoints"], "changes"),
     "log_interval": (["--log-interval", "2"], "changes"),
     "block_size": (["--block-size", "48"], ("refused", "the model was built with it")),
     "n_layer": (["--n-layer", "2"], ("refused", "the model was built with it")),

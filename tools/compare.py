@@ -6,6 +6,7 @@ with the same recipe and the same seeds, then evaluate each one beyond the train
     python tools/compare.py --quick                  # does SSMax or the prior decide? nope and bam, on and off, 1 seed
     python tools/compare.py --variants bam,scaleinv --ssmax on --seeds 1,2,3 --lengths 1x,4x,16x,64x
     python tools/compare.py --tasks loss --config config/shakespeare.toml --lengths 1x,4x,16x,32x
+    python tools/compare.py --config config/tasks.toml --tasks passkey,latest,first,multikey --ssmax on --curve
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
 papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with the recipe of
@@ -15,13 +16,17 @@ settings, read as data; --data, --steps, --block-size and --qk-norm here win ove
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
 length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
 step first); the same command continues where it stopped. Prompts depend on the seed only, so
-every configuration answers the same prompts.
+every configuration answers the same prompts. latest, first and multikey need data that has them
+(python data/prepare.py tasks; config/tasks.toml trains on it). --curve keeps every run's
+checkpoint at each evaluation and scores each one at the first length: the steps each
+configuration needed to learn each task (accuracy >= 0.9), as a table and compare_curve.png.
 """
 import argparse
 import hashlib
 import json
 import os
 import random
+import re
 import signal
 import statistics
 import sys
@@ -35,15 +40,17 @@ import eval_extrapolate
 import train
 from common.checkpoint import save_json
 from common.settings import Parser, comma_list, fail, flag_type, run_main
-from data.retrieval import passkey_sample
+from data.retrieval import task_sample
 from data.shards import read_meta, tokenizer_from_meta
 
 # variant name -> train.py flags; rope is NoPE with full rotary embeddings
 VARIANT_FLAGS = {"nope": ["--attention", "nope", "--rope", "none"], "rope": ["--attention", "nope", "--rope", "full"],
                  "alibi": ["--attention", "alibi"], "bam": ["--attention", "bam"], "scaleinv": ["--attention", "scaleinv"]}
 SSMAX_FLAGS = {"on": ["--ssmax"], "off": ["--no-ssmax"]}
-TASKS = ("passkey", "loss")
+RETRIEVAL = eval_extrapolate.RETRIEVAL_TASKS
+TASKS = RETRIEVAL + ("loss",)
 GRID = dict(variants=list(VARIANT_FLAGS), ssmax=["on", "off"], seeds=[1337, 7], lengths="1x,4x,16x")
+LEARNED = 0.9  # --curve: the accuracy at the first length from which a task counts as learned
 QUICK = dict(GRID, variants=["nope", "bam"], seeds=[1337], lengths="1x,4x")
 
 
@@ -64,7 +71,8 @@ def parse_args(argv):
                    help="the recipe every run trains with: a TOML or JSON file of train.py settings (default: "
                         "config/compare.toml, the main job's recipe plus QK-norm); the flags here win over it")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"),
-                   help="training steps per run, evaluated and saved every third of them (default: the recipe's)")
+                   help="training steps per run, evaluated and saved every third of them, every tenth with --curve "
+                        "(default: the recipe's)")
     p.add_argument("--block-size", type=flag_type(int, "[1, inf)"), help="training length in tokens (default: the "
                                                                           "recipe's)")
     p.add_argument("--qk-norm", action=argparse.BooleanOptionalAction,
@@ -72,11 +80,16 @@ def parse_args(argv):
                         "SSMax-off models do not learn to retrieve in 600 steps, docs/findings.md)")
     p.add_argument("--data", help="prepared data folder (default: the recipe's, else data/synthetic)")
     p.add_argument("--tasks", type=comma_list(list(TASKS)), default=["passkey"],
-                   help="passkey, loss or passkey,loss (default: passkey)")
+                   help=f"comma list of {', '.join(TASKS)}; latest, first and multikey need data made by "
+                        f"`python data/prepare.py tasks` (config/tasks.toml) (default: passkey)")
     p.add_argument("--lengths", help="evaluation lengths, as eval_extrapolate.py takes them (default: 1x,4x,16x)")
-    p.add_argument("--depths", default="0,0.5,1", help="passkey needle depths (default: 0,0.5,1)")
+    p.add_argument("--depths", default="0,0.5,1", help="needle depths of the retrieval tasks, as eval_extrapolate.py "
+                                                        "takes them (default: 0,0.5,1)")
     p.add_argument("--samples", type=flag_type(int, "[1, inf)"), default=4,
-                   help="passkey prompts per (length, depth) and seed; loss windows per length and seed (default: 4)")
+                   help="retrieval prompts per (length, depth) and seed; loss windows per length and seed (default: 4)")
+    p.add_argument("--curve", action="store_true",
+                   help="learning curves: keep each run's checkpoint at every evaluation (--eval-interval) and score "
+                        f"each at the first length; prints the steps to reach accuracy {LEARNED} per task")
     p.add_argument("--quick", action="store_true", help="the SSMax question in a few minutes: nope and bam, SSMax on "
                                                         "and off, seed 1337, lengths 1x,4x (other flags still apply)")
     p.add_argument("--out-dir", default="out/compare", help="runs, results and plots (default: out/compare)")
@@ -103,11 +116,14 @@ def plan_runs(args):
                 if args.data is not None:
                     argv += ["--data", args.data]
                 if args.steps is not None:
-                    argv += ["--max-steps", str(args.steps), "--eval-interval", str(max(1, args.steps // 3))]
+                    evaluations = 10 if args.curve else 3  # a curve gets more points
+                    argv += ["--max-steps", str(args.steps), "--eval-interval", str(max(1, args.steps // evaluations))]
                 if args.block_size is not None:
                     argv += ["--block-size", str(args.block_size)]
                 if args.qk_norm is not None:
                     argv += ["--qk-norm" if args.qk_norm else "--no-qk-norm"]
+                if args.curve:
+                    argv += ["--keep-checkpoints"]
                 config, given = train.parse_config(argv)
                 settings = {k: v for k, v in asdict(config).items() if k not in ("out_dir", "resume")} | given
                 digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
@@ -119,11 +135,12 @@ def plan_runs(args):
 
 
 def check_data(args, lengths):
-    """Before any training: the data is there, the shortest passkey prompt fits, and the val split
-    holds the longest loss window."""
+    """Before any training: the data is there, the shortest prompt of each retrieval task fits and
+    its words are in the data's vocabulary, and the val split holds the longest loss window."""
     meta = read_meta(args.data)
-    if "passkey" in args.tasks:
-        passkey_sample(tokenizer_from_meta(meta), min(n for _, n in lengths), 0.0, 5, random.Random(0))
+    for task in set(args.tasks) & set(RETRIEVAL):
+        defaults = eval_extrapolate.parse_args(["--ckpt", "-", "--task", task])  # the evaluation's digits and needles
+        task_sample(tokenizer_from_meta(meta), task, min(n for _, n in lengths), 0.0, defaults, None, random.Random(0))
     if "loss" in args.tasks:
         eval_extrapolate.val_split(args.data, meta["tokenizer"], max(n for _, n in lengths))
 
@@ -150,24 +167,31 @@ def train_run(run):
     return True
 
 
-def result_path(run, task, label, n, args):
-    key = json.dumps([task, n, args.depths, args.samples] if task == "passkey" else [task, n, args.samples])
-    return os.path.join(run["folder"], "eval", f"{task}_{label}_{hashlib.sha1(key.encode()).hexdigest()[:8]}.json")
+def snapshots(run):
+    """[(step, file name)] of the checkpoints --keep-checkpoints kept, in step order."""
+    names = [f for f in os.listdir(run["folder"]) if re.fullmatch(r"step_\d+\.pt", f)]
+    return sorted((int(f[5:-3]), f) for f in names)
 
 
-def evaluate_run(run, task, label, n, args):
-    """One (run, task, length) result: {"value": accuracy or loss, "count": prompts or windows},
-    from its file when it exists, else measured and written (atomically)."""
-    path = result_path(run, task, label, n, args)
+def result_path(run, task, label, n, args, ckpt="last.pt"):
+    key = json.dumps([task, n, args.depths, args.samples] if task in RETRIEVAL else [task, n, args.samples])
+    at = "" if ckpt == "last.pt" else ckpt.removesuffix(".pt") + "_"
+    return os.path.join(run["folder"], "eval", f"{task}_{label}_{at}{hashlib.sha1(key.encode()).hexdigest()[:8]}.json")
+
+
+def evaluate_run(run, task, label, n, args, ckpt="last.pt"):
+    """One (run, task, length) result of the run's checkpoint `ckpt`: {"value": accuracy or loss,
+    "count": prompts or windows}, from its file when it exists, else measured and written (atomically)."""
+    path = result_path(run, task, label, n, args, ckpt)
     if os.path.exists(path):
         with open(path) as f:
             return json.load(f), False
-    argv = ["--ckpt", os.path.join(run["folder"], "last.pt"), "--task", task, "--lengths", str(n),
+    argv = ["--ckpt", os.path.join(run["folder"], ckpt), "--task", task, "--lengths", str(n),
             "--samples", str(args.samples), "--seed", str(run["seed"])]
-    if task == "passkey":
+    if task in RETRIEVAL:
         argv += ["--depths", args.depths]
     evaluation = eval_extrapolate.evaluate(eval_extrapolate.parse_args(argv))
-    if task == "passkey":
+    if task in RETRIEVAL:
         hits = [r["correct"] for r in evaluation["results"]]
         result = {"value": sum(hits) / len(hits), "count": len(hits)}
     else:
@@ -178,6 +202,23 @@ def evaluate_run(run, task, label, n, args):
 
 # -----------------------------------------------------------------------------
 # summary: mean and spread over seeds, tables and plots
+
+
+def learned_at(curve):
+    """The first step whose accuracy reaches LEARNED, or None."""
+    return next((step for step, accuracy in curve if accuracy >= LEARNED), None)
+
+
+def print_curves(curves, runs, args):
+    """Per configuration and task: the step at which each seed learned it, '>N' where it did not."""
+    tasks = [t for t in args.tasks if t in RETRIEVAL]
+    print(f"\nsteps to learn each task at {args.lengths.split(',')[0]} (accuracy >= {LEARNED}; one entry per seed)")
+    print("variant".ljust(10) + "ssmax".ljust(7) + "".join(t.rjust(18) for t in tasks))
+    for variant in args.variants:
+        for ssmax in args.ssmax:
+            mine = [r for r in runs if r["variant"] == variant and r["ssmax"] == ssmax]
+            cells = [", ".join(str(learned_at(curves[(r["folder"], t)]) or f">{args.steps}") for r in mine) for t in tasks]
+            print(variant.ljust(10) + ssmax.ljust(7) + "".join(c.rjust(18) for c in cells))
 
 
 def summarize(runs, results, lengths, args):
@@ -200,13 +241,13 @@ def summarize(runs, results, lengths, args):
 
 
 def print_table(task, rows, lengths):
-    what = "passkey accuracy (whole key right)" if task == "passkey" else "validation loss (nats per scored token)"
-    counted = "prompts" if task == "passkey" else "windows"
+    what = f"{task} accuracy (whole key right)" if task in RETRIEVAL else "validation loss (nats per scored token)"
+    counted = "prompts" if task in RETRIEVAL else "windows"
     first = rows[0][lengths[0][0]]
     spread = " [min-max]" if first["seeds"] > 1 else ""
     print(f"\n{what}: mean over {first['seeds']} seed(s){spread}, {first['count']} {counted} per cell")
     print("variant".ljust(10) + "ssmax".ljust(7) + "".join(f"{label} ({n})".rjust(22) for label, n in lengths))
-    digits = 2 if task == "passkey" else 3
+    digits = 2 if task in RETRIEVAL else 3
     for row in rows:
         cells = [row[label] for label, _ in lengths]
         text = [f"{c['mean']:.{digits}f}" + (f" [{c['min']:.{digits}f}-{c['max']:.{digits}f}]" if c["seeds"] > 1 else "")
@@ -237,11 +278,42 @@ def save_plot(task, rows, lengths, path, block_size):
     seeds = rows[0][lengths[0][0]]["seeds"]
     ax.set_title(f"mean over {seeds} seeds; band: their min to max" if seeds > 1 else "one seed")
     ax.set_xlabel(f"length in tokens (trained at {block_size})")
-    ax.set_ylabel("passkey accuracy" if task == "passkey" else "validation loss (nats)")
-    if task == "passkey":
+    ax.set_ylabel(f"{task} accuracy" if task in RETRIEVAL else "validation loss (nats)")
+    if task in RETRIEVAL:
         ax.set_ylim(-0.03, 1.03)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), title="solid: SSMax on", title_fontsize=8)
     ax.grid(alpha=0.3)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    print(f"wrote {path}")
+
+def save_curves(curves, runs, args, path):
+    """One panel per task: accuracy at the first length against the training step, a line per
+    configuration (the mean over seeds, at the steps every seed kept)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("curve plot skipped: matplotlib is not installed")
+        return
+    tasks = sorted({t for _, t in curves}, key=args.tasks.index)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(3.6 * len(tasks), 3.4), squeeze=False, sharey=True)
+    colors = dict(zip(VARIANT_FLAGS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for ax, task in zip(axes[0], tasks):
+        for variant in args.variants:
+            for ssmax in args.ssmax:
+                mine = [dict(curves[(r["folder"], task)]) for r in runs if r["variant"] == variant and r["ssmax"] == ssmax]
+                steps = sorted(set.intersection(*(set(c) for c in mine)))
+                ax.plot(steps, [statistics.fmean(c[s] for c in mine) for s in steps], marker=".", color=colors[variant],
+                        linestyle="-" if ssmax == "on" else "--", label=f"{variant}, ssmax {ssmax}")
+        ax.axhline(LEARNED, color="gray", linewidth=0.8, linestyle=":")
+        ax.set_title(task)
+        ax.set_xlabel("training step")
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"accuracy at {args.lengths.split(',')[0]}")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     print(f"wrote {path}")
@@ -265,10 +337,11 @@ def main(argv=None):
         check_data(args, lengths)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    jobs = len(runs) * (1 + len(args.tasks) * len(lengths))
+    curve_tasks = [t for t in args.tasks if t in RETRIEVAL] if args.curve else []
+    jobs = len(runs) * (1 + len(args.tasks) * len(lengths) + len(curve_tasks))
     print(f"grid: {len(args.variants)} variants x SSMax {','.join(args.ssmax)} x {len(args.seeds)} seed(s) = "
           f"{len(runs)} runs of {args.steps} steps, then {'+'.join(args.tasks)} at {args.lengths} -> {args.out_dir}")
-    start, done, trained, measured, results = time.time(), 0, 0, 0, {}
+    start, done, trained, measured, results, curves = time.time(), 0, 0, 0, {}, {}
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         for run in runs:
@@ -280,6 +353,15 @@ def main(argv=None):
                     done += 1
                     print(f"[{done}/{jobs} {time.time() - start:.0f}s] {run['name']}: {task} at {label}", flush=True)
                     results[(run["folder"], task, label)], new = evaluate_run(run, task, label, n, args)
+                    measured += new
+            for task in curve_tasks:
+                done += 1
+                print(f"[{done}/{jobs} {time.time() - start:.0f}s] {run['name']}: {task} at {lengths[0][0]}, "
+                      f"every kept checkpoint", flush=True)
+                curves[(run["folder"], task)] = []
+                for step, ckpt in snapshots(run):
+                    result, new = evaluate_run(run, task, *lengths[0], args, ckpt)
+                    curves[(run["folder"], task)].append((step, result["value"]))
                     measured += new
     except KeyboardInterrupt as e:
         print(f"\nstopped after {done - 1} of {jobs} jobs; what finished is in {args.out_dir}/runs. Run the same "
@@ -293,11 +375,16 @@ def main(argv=None):
     summary = summarize(runs, results, lengths, args)
     for task, rows in summary.items():
         print_table(task, rows, lengths)
+    if curves:
+        print_curves(curves, runs, args)
     save_json({"settings": vars(args), "lengths": lengths, "runs": runs, "summary": summary,
-               "results": [{"folder": f, "task": t, "length": label, **v} for (f, t, label), v in results.items()]},
+               "results": [{"folder": f, "task": t, "length": label, **v} for (f, t, label), v in results.items()],
+               "curves": [{"folder": f, "task": t, "steps": c} for (f, t), c in curves.items()]},
               os.path.join(args.out_dir, "compare.json"))
     for task, rows in summary.items():
         save_plot(task, rows, lengths, os.path.join(args.out_dir, f"compare_{task}.png"), args.block_size)
+    if curves:
+        save_curves(curves, runs, args, os.path.join(args.out_dir, "compare_curve.png"))
     print(f"done in {time.time() - start:.0f}s: {trained} runs trained, {len(runs) - trained} reused; "
           f"{measured} results measured, {len(results) - measured} reused -> {args.out_dir}/compare.json")
     return 0
