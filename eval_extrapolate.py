@@ -11,10 +11,11 @@ niah      several "special magic <city> number" needles, each asked about at the
 latest    --needles "The pass key is <key>." with different keys, the last at the depth, the first at 0,
           the others evenly between; asks for the latest key
 first     the same prompts; asks for the first key
-multikey  --needles city needles placed as niah places them; asks for the first city's number only
+multikey  --needles city needles placed as niah places them; asks for the number of the one at the depth
 loss      validation loss at each length, overall and per position bucket
 
-latest, first and multikey need a model trained on their data (python data/prepare.py tasks).
+latest and first need a model trained on their data (python data/prepare.py tasks), as multikey
+does to be answered well (its words are niah's).
 
 Lengths are multiples of the training length ("4x") or token counts ("8192"). Retrieval is
 scored teacher-forced, with logits only at the answer positions: no T x vocab tensor is built.
@@ -156,7 +157,8 @@ def parse_args(argv):
                    help="stop the sweep after N lengths in a row at 0 accuracy; the longer ones are skipped "
                         "(0: never; default: 0)")
     p.add_argument("--needles", type=flag_type(int, f"[1, {len(CITIES)}]"), default=3,
-                   help="niah, latest, first, multikey: needles per prompt (default: 3)")
+                   help="niah, latest, first, multikey: needles per prompt, at most 9 for the last three (their "
+                        "keys differ in the first digit) (default: 3)")
     p.add_argument("--haystack", help="niah, latest, first, multikey: a text file to cut the haystack from "
                                       "(default: the passkey filler)")
     p.add_argument("--data", help="loss: a prepared dataset folder with val_*.bin and meta.json "
@@ -185,8 +187,9 @@ def parse_args(argv):
     ckpt_name = os.path.splitext(os.path.basename(args.ckpt))[0]  # best.pt and last.pt of a run: two files
     args.out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.ckpt)),
                                         f"eval_{args.task}_{ckpt_name}.json")
-    if args.task in ("latest", "first", "multikey") and args.needles < 2:
-        p.error(f"--task {args.task} needs --needles 2 or more: with one needle there is nothing to tell apart")
+    if args.task in ("latest", "first", "multikey") and not 2 <= args.needles <= 9:
+        p.error(f"--task {args.task} needs --needles 2 to 9: with one needle there is nothing to tell apart, and "
+                f"the keys of more than 9 cannot all differ in their first digit")
     if args.prefix_digits >= args.digits:
         p.error(f"--prefix-digits must be from 0 to {args.digits - 1} (--digits {args.digits} leaves at least one to answer)")
     return args

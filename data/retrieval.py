@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from data.synthetic import (CITIES, KEY_NEEDLE, NIAH_NEEDLE, NIAH_QUESTION, ORDER_QUESTIONS, PASSKEY_FILLER,
-                            PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION, random_keys)
+                            PASSKEY_NEEDLE, PASSKEY_PREFIX, PASSKEY_QUESTION)
 
 # the passkey prompt, exactly as Mohtashami & Jaggi (2023) wrote it and BAM's evaluator uses it
 PREFIX = PASSKEY_PREFIX
@@ -25,8 +25,9 @@ def encode(enc, text):
     if enc.decode(tokens) != text:
         raise ValueError(f"the {enc.name!r} tokenizer cannot encode {text[:40]!r} (decoding does not give it back)")
     if enc.name == "words" and min(tokens, default=enc.eot_token) < enc.eot_token:  # spelt in bytes: an unknown word
-        raise ValueError(f"{text.strip()[:60]!r} has words the model's vocabulary lacks: it was trained on data without "
-                         f"this task; train on `python data/prepare.py tasks` for latest, first and multikey")
+        raise ValueError(f"{text.strip()[:60]!r} has words missing from the vocabulary of the data (made without this "
+                         f"task): latest and first need data made by `python data/prepare.py tasks`, and a model "
+                         f"trained on it")
     return tokens
 
 
@@ -100,12 +101,19 @@ def niah_sample(enc, length, depth, n_needles, haystack, rng):
     sample = make_sample(enc, length, None, needles, depths, qa, haystack, rng)
     return dict(sample, depth=depth, needle_depths=depths, cities=cities, keys=numbers)
 
+def distinct_keys(rng, n, digits):
+    """n keys of `digits` digits whose first digits all differ (n <= 9), so that the first digit
+    of an answer says which needle it came from."""
+    return [str(first) + "".join(rng.choice("0123456789") for _ in range(digits - 1))
+            for first in rng.sample(range(1, 10), n)]
+
+
 def order_sample(enc, length, depth, n_needles, digits, task, haystack, rng):
     """latest or first: n needles "The pass key is <key>." with different keys, needle k at depth
     depth * k / (n - 1): the last at `depth`, the first right after the opening, the others evenly
     between. The question asks for the last one (latest) or the first one; the same rng gives the
     same prompt for both. `distractors`: the keys not asked for."""
-    keys = random_keys(rng, n_needles, digits)
+    keys = distinct_keys(rng, n_needles, digits)
     depths = [depth * k / (n_needles - 1) for k in range(n_needles)]
     asked = n_needles - 1 if task == "latest" else 0
     sample = make_sample(enc, length, None, [KEY_NEEDLE.format(key=k) for k in keys], depths,
@@ -115,11 +123,11 @@ def order_sample(enc, length, depth, n_needles, digits, task, haystack, rng):
 
 
 def multikey_sample(enc, length, depth, n_needles, digits, haystack, rng):
-    """n "special magic <city> number" needles placed as niah places them (the first at `depth`,
-    the others evenly spread); the question asks for the first city's number only, the others are
-    distractors."""
+    """n "special magic <city> number" needles placed as niah places them (the asked one at
+    `depth`, the others evenly spread after it, wrapping around); the question asks for that one's
+    number only, the others are distractors."""
     cities = rng.sample(CITIES, n_needles)
-    numbers = random_keys(rng, n_needles, digits)
+    numbers = distinct_keys(rng, n_needles, digits)
     depths = [d - 1 if d > 1 else d for d in (depth + k / n_needles for k in range(n_needles))]
     needles = [NIAH_NEEDLE.format(city=c, number=n) for c, n in zip(cities, numbers)]
     sample = make_sample(enc, length, None, needles, depths, [(NIAH_QUESTION.format(city=cities[0]), " " + numbers[0])],
@@ -154,8 +162,9 @@ def answer_logits(model, sample, device="cpu"):
 def judge(logits, sample, enc):
     """Per answer: correct iff the argmax equals the answer token at every answer position
     (as BAM's evaluator scores it: the same as greedy decoding producing the key). `distractor`:
-    its first digit is another needle's and not the key's, i.e. it retrieved a needle not asked
-    for (teacher forcing gives it the key's own digits after that one)."""
+    its first digit is another needle's, i.e. it retrieved a needle not asked for (the keys of
+    latest, first and multikey differ in their first digit; teacher forcing gives the answer the
+    key's own digits after that one)."""
     def pieces(tokens):
         return [(enc.decode_single_token_bytes(t) if t < enc.n_vocab else f"<{t}>".encode()).decode("utf-8", "replace")
                 for t in tokens]

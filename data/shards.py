@@ -18,7 +18,7 @@ MAGIC, VERSION = 20240520, 1
 HEADER_INTS = 256
 HEADER_BYTES = 4 * HEADER_INTS
 LOSS_MASK_DIR = "loss_mask"  # optional: per shard, 1 where a token is a training target, 0 where not
-SOURCES = ("synthetic", "text", "shakespeare", "fineweb")  # the subcommands of data/prepare.py
+SOURCES = ("synthetic", "tasks", "text", "shakespeare", "fineweb")  # the subcommands of data/prepare.py
 
 
 def prepare_command(folder):

@@ -120,7 +120,8 @@ def test_bad_grids_fail_before_training(setup, tmp_path, capsys):
                            (["--variants", "bam,fire"], "unknown 'fire'"),
                            (["--data", str(tmp_path / "none")], "no prepared dataset"),
                            (["--tasks", "loss", "--lengths", "100x"], "the val split"),
-                           (["--tasks", "passkey,latest"], "vocabulary lacks")):
+                           (["--tasks", "passkey,latest"], "missing from the vocabulary of the data"),
+                           (["--tasks", "loss", "--curve"], "--curve scores the retrieval tasks")):
         with pytest.raises(SystemExit) as e:
             grid(setup, tmp_path, *extra)
         err = capsys.readouterr().err
@@ -136,6 +137,7 @@ def test_the_position_tasks_get_a_table_and_a_plot_each(setup, tmp_path, capsys)
     result = json.loads((tmp_path / "compare.json").read_text())
     # --curve: a checkpoint kept at every evaluation (every step of 4 here), each scored on each task
     assert "steps to learn each task at 1x (accuracy >= 0.9; one entry per seed)" in out
+    assert "1 runs trained, 0 reused; 15 results measured, 0 reused" in out  # 3 tasks x (last.pt + 4 kept)
     assert re.search(r"nope\s+on\s+>4\s+>4\s+>4", out)  # 4 steps learn nothing
     assert [(c["task"], [s for s, _ in c["steps"]]) for c in result["curves"]] == \
         [(task, [1, 2, 3, 4]) for task in ("latest", "first", "multikey")]

@@ -88,12 +88,15 @@ def parse_args(argv):
     p.add_argument("--samples", type=flag_type(int, "[1, inf)"), default=4,
                    help="retrieval prompts per (length, depth) and seed; loss windows per length and seed (default: 4)")
     p.add_argument("--curve", action="store_true",
-                   help="learning curves: keep each run's checkpoint at every evaluation (--eval-interval) and score "
-                        f"each at the first length; prints the steps to reach accuracy {LEARNED} per task")
+                   help="learning curves: keep each run's checkpoint at every evaluation (the recipe's eval_interval, "
+                        "or a tenth of --steps) and score each on the retrieval tasks at the first length; prints "
+                        f"the steps to reach accuracy {LEARNED} per task. Such runs are their own, trained anew")
     p.add_argument("--quick", action="store_true", help="the SSMax question in a few minutes: nope and bam, SSMax on "
                                                         "and off, seed 1337, lengths 1x,4x (other flags still apply)")
     p.add_argument("--out-dir", default="out/compare", help="runs, results and plots (default: out/compare)")
     args = p.parse_args(argv)
+    if args.curve and not set(args.tasks) & set(RETRIEVAL):
+        p.error("--curve scores the retrieval tasks: give one in --tasks (e.g. --tasks passkey,latest)")
     for name, value in (QUICK if args.quick else GRID).items():  # flags given explicitly win
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -212,7 +215,7 @@ def learned_at(curve):
 def print_curves(curves, runs, args):
     """Per configuration and task: the step at which each seed learned it, '>N' where it did not."""
     tasks = [t for t in args.tasks if t in RETRIEVAL]
-    print(f"\nsteps to learn each task at {args.lengths.split(',')[0]} (accuracy >= {LEARNED}; one entry per seed)")
+    print(f"\nsteps to learn each task at {args.curve_length} (accuracy >= {LEARNED}; one entry per seed)")
     print("variant".ljust(10) + "ssmax".ljust(7) + "".join(t.rjust(18) for t in tasks))
     for variant in args.variants:
         for ssmax in args.ssmax:
@@ -312,7 +315,7 @@ def save_curves(curves, runs, args, path):
         ax.set_xlabel("training step")
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"accuracy at {args.lengths.split(',')[0]}")
+    axes[0][0].set_ylabel(f"accuracy at {args.curve_length}")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -338,10 +341,12 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     curve_tasks = [t for t in args.tasks if t in RETRIEVAL] if args.curve else []
+    args.curve_length = lengths[0][0]
     jobs = len(runs) * (1 + len(args.tasks) * len(lengths) + len(curve_tasks))
     print(f"grid: {len(args.variants)} variants x SSMax {','.join(args.ssmax)} x {len(args.seeds)} seed(s) = "
           f"{len(runs)} runs of {args.steps} steps, then {'+'.join(args.tasks)} at {args.lengths} -> {args.out_dir}")
     start, done, trained, measured, results, curves = time.time(), 0, 0, 0, {}, {}
+    scored = 0  # results of checkpoints along the curves
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         for run in runs:
@@ -362,7 +367,7 @@ def main(argv=None):
                 for step, ckpt in snapshots(run):
                     result, new = evaluate_run(run, task, *lengths[0], args, ckpt)
                     curves[(run["folder"], task)].append((step, result["value"]))
-                    measured += new
+                    measured, scored = measured + new, scored + 1
     except KeyboardInterrupt as e:
         print(f"\nstopped after {done - 1} of {jobs} jobs; what finished is in {args.out_dir}/runs. Run the same "
               f"command to continue", file=sys.stderr)
@@ -386,7 +391,7 @@ def main(argv=None):
     if curves:
         save_curves(curves, runs, args, os.path.join(args.out_dir, "compare_curve.png"))
     print(f"done in {time.time() - start:.0f}s: {trained} runs trained, {len(runs) - trained} reused; "
-          f"{measured} results measured, {len(results) - measured} reused -> {args.out_dir}/compare.json")
+          f"{measured} results measured, {len(results) + scored - measured} reused -> {args.out_dir}/compare.json")
     return 0
 
 
