@@ -208,7 +208,7 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # GPT-2's scaled init of residual projections
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
         # the positional prior, built after the init above so that it keeps its own: one shared by all
-        # layers (BAM's "global prior"), or one per layer
+        # layers (BAM's "global prior"), or one per layer; registered last (param_groups relies on it)
         n_priors = config.n_layer if config.prior_per_layer else 1
         self.positional = nn.ModuleList([VARIANTS[config.attention](config) for _ in range(n_priors)])
         problem = contract_problem(self.positional[0], config.n_head)
@@ -316,19 +316,21 @@ class GPT(nn.Module):
     def new_cache(self):
         return KVCache.empty(len(self.blocks))
 
-    def param_groups(self, weight_decay, decay_embeddings=True):
-        """AdamW groups: decay weight matrices only. Norms and SSMax scales (1-D) and every parameter
-        of the positional prior (whatever its shape) never decay; the (tied) embedding decays if
-        decay_embeddings."""
-        prior = {id(p) for p in self.positional.parameters()}
+    def param_groups(self, weight_decay, decay_embeddings=True, prior_lr_scale=1.0):
+        """AdamW groups: decay weight matrices only. Norms and SSMax scales (1-D) never decay, the (tied)
+        embedding does if decay_embeddings, and the positional prior's parameters (whatever their shape)
+        form a third group that never decays and learns at prior_lr_scale x the learning rate ("lr_scale",
+        which train.py applies). The prior's parameters come last in named_parameters, so the three
+        groups list the parameters in the order the two groups of older checkpoints did."""
+        prior = [p for p in self.positional.parameters() if p.requires_grad]
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or any(p is q for q in prior):
                 continue
             is_embedding = name == "wte.weight"
-            decayed = p.dim() >= 2 and id(p) not in prior and (decay_embeddings or not is_embedding)
-            (decay if decayed else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            (decay if p.dim() >= 2 and (decay_embeddings or not is_embedding) else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+                {"params": prior, "weight_decay": 0.0, "lr_scale": prior_lr_scale}]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True, generator=None):

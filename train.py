@@ -53,6 +53,8 @@ class TrainConfig:
     warmup_steps: int = param(20, "linear warmup steps", "[0, inf)")
     lr_decay_steps: int | None = param(None, "steps of the cosine decay (default: max_steps)", "[1, inf)")
     weight_decay: float = param(0.1, "AdamW weight decay (weight matrices only)", "[0, inf)")
+    prior_lr_scale: float = param(1.0, "learning rate of the positional prior's parameters (bam's alpha and beta) as a "
+                                  "multiple of --lr, following its schedule", "(0, inf)")
     decay_embeddings: bool = param(True, "apply weight decay to the (tied) embedding too")
     beta1: float = param(0.9, "AdamW beta1", "[0, 1)")
     beta2: float = param(0.95, "AdamW beta2", "[0, 1)")
@@ -253,7 +255,8 @@ def main(argv=None):
         if raw_model.config.engine == "flex" and not device.startswith("cuda"):
             fail("the flex engine has no backward off CUDA; train with --engine sdpa, chunked or auto")
 
-        optimizer = torch.optim.AdamW(raw_model.param_groups(config.weight_decay, config.decay_embeddings),
+        optimizer = torch.optim.AdamW(raw_model.param_groups(config.weight_decay, config.decay_embeddings,
+                                                             config.prior_lr_scale),
                                       lr=config.lr, betas=(config.beta1, config.beta2),
                                       fused=device.startswith("cuda"))
         step, best_val = 0, float("inf")
@@ -356,7 +359,7 @@ def main(argv=None):
                 break
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)  # the prior's group: --prior-lr-scale
             # the step's loss is the mean over the counted targets of all its micro-batches, on all
             # ranks (a loss mask counts a different number in each): each micro-batch's mean is
             # weighted by its share. DDP averages the ranks' gradients, hence the factor W.

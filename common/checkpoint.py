@@ -49,10 +49,17 @@ def make_checkpoint(raw_model, optimizer, config, data, step, best_val, loader_s
 def restore(checkpoint, optimizer, config, train_loader, device):
     """The optimizer, data position and random state of a checkpoint, with the config's AdamW settings
     (a resume may change them); returns its (step, best val loss)."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    saved = checkpoint["optimizer"]
+    if len(saved["param_groups"]) == 2:  # saved before the prior had a group of its own: its parameters are
+        decay, rest = saved["param_groups"]  # the last ones of the second group (GPT.param_groups)
+        split = len(rest["params"]) - len(optimizer.param_groups[2]["params"])
+        saved = saved | {"param_groups": [decay, rest | {"params": rest["params"][:split]},
+                                          rest | {"params": rest["params"][split:]}]}
+    optimizer.load_state_dict(saved)
     for group in optimizer.param_groups:  # load_state_dict brought the saved ones back
         group["betas"] = (config.beta1, config.beta2)
     optimizer.param_groups[0]["weight_decay"] = config.weight_decay  # the decayed group (GPT.param_groups)
+    optimizer.param_groups[2]["lr_scale"] = config.prior_lr_scale  # the prior's group
     train_loader.load_state_dict(checkpoint["loader"])
     torch.set_rng_state(checkpoint["rng"]["cpu"])
     if "cuda" in checkpoint["rng"] and device.startswith("cuda"):
@@ -71,7 +78,8 @@ def restore(checkpoint, optimizer, config, train_loader, device):
 THIS_MACHINE = ("device", "dtype", "compile")
 RUNTIME_FIELDS = ("engine", "attn_block", "prior_grad")  # model settings of how it runs, not of what it computes
 RESUME_CHANGES = (*RUNTIME_FIELDS, "eval_interval", "eval_batches", "keep_checkpoints", "log_interval", "max_steps",
-                  "lr", "min_lr_ratio", "warmup_steps", "lr_decay_steps", "weight_decay", "beta1", "beta2", "grad_clip")
+                  "lr", "min_lr_ratio", "warmup_steps", "lr_decay_steps", "weight_decay", "prior_lr_scale", "beta1", "beta2",
+                  "grad_clip")
 RESUME_REFUSES = {"seed": "the seed starts a run (its init), while a resumed run continues its saved random state",
                   "doc_mask": "it changes what the model attends to",
                   "decay_embeddings": "it changes the optimizer's parameter groups"}

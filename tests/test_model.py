@@ -144,16 +144,20 @@ def test_bam_prior_and_ssmax_receive_gradients():
 
 def test_param_groups_never_decay_priors_norms_or_ssmax():
     model = tiny("bam", prior_per_layer=True)
-    decay, no_decay = model.param_groups(0.1)
+    decay, no_decay, prior = model.param_groups(0.1, prior_lr_scale=10.0)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0 == prior["weight_decay"]
     assert not any("theta" in n or "ssmax" in n or "ln_" in n for n in decayed)
     assert "wte.weight" in decayed and "blocks.0.attn.c_attn.weight" in decayed
-    decay, no_decay = model.param_groups(0.1, decay_embeddings=False)
+    assert {names[id(p)] for p in prior["params"]} == {f"positional.{i}.theta_{x}" for i in range(2)
+                                                       for x in ("alpha", "beta")}
+    assert prior["lr_scale"] == 10.0 and "lr_scale" not in decay and "lr_scale" not in no_decay
+    decay, no_decay, prior = model.param_groups(0.1, decay_embeddings=False)
     assert "wte.weight" not in {names[id(p)] for p in decay["params"]}
-    n_grouped = len(decay["params"]) + len(no_decay["params"])
-    assert n_grouped == len(list(model.parameters()))
+    grouped = decay["params"] + no_decay["params"] + prior["params"]
+    # every parameter once, in named_parameters' order: the order of older checkpoints' two groups
+    assert [id(p) for p in grouped] == [id(p) for p in model.parameters()]
 
 
 def test_defaults_and_bad_config():

@@ -41,11 +41,11 @@ def test_fire_keeps_its_own_init_and_never_decays(fire, monkeypatch, per_layer):
         assert prior.state_dict().keys() == at_init.keys()
         for name, value in prior.state_dict().items():
             assert torch.equal(value, at_init[name]), name
-    decay, no_decay = model.param_groups(0.1)
+    decay, no_decay, prior = model.param_groups(0.1)
     prior_params = {id(p) for p in model.positional.parameters()}
     assert any(p.dim() == 2 for p in model.positional.parameters())  # the MLP's matrices: a 2-D rule would decay them
-    assert decay["params"] and not prior_params & {id(p) for p in decay["params"]}
-    assert prior_params <= {id(p) for p in no_decay["params"]}
+    assert decay["params"] and not prior_params & {id(p) for p in decay["params"] + no_decay["params"]}
+    assert prior_params == {id(p) for p in prior["params"]} and prior["weight_decay"] == 0.0
 
 
 def test_fire_per_layer_gives_the_same_gradients_on_sdpa_and_chunked(fire):

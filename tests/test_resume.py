@@ -80,6 +80,7 @@ RESUMES = {
     "warmup_steps": (["--warmup-steps", "3"], "changes"),
     "lr_decay_steps": (["--lr-decay-steps", "10"], "changes"),
     "weight_decay": (["--weight-decay", "0.3"], "changes"),
+    "prior_lr_scale": (["--prior-lr-scale", "10"], "changes"),
     "decay_embeddings": (["--no-decay-embeddings"], ("refused", "parameter groups")),
     "beta1": (["--beta1", "0.8"], "changes"),
     "beta2": (["--beta2", "0.99"], "changes"),
@@ -149,20 +150,55 @@ def test_a_flag_changed_on_resume_is_applied_and_said_or_refused_in_one_line(nam
 
 
 def test_optimisation_settings_changed_on_resume_are_the_ones_used(data_dir, stopped, tmp_path):
-    """The learning rate of the resumed step, and AdamW's betas and weight decay (which the
-    optimizer's saved state would otherwise bring back), are the new ones; clipping off leaves no
-    gradient norm in the log."""
+    """The learning rate of the resumed step (the prior's group at --prior-lr-scale times it), and
+    AdamW's betas and weight decay (which the optimizer's saved state would otherwise bring back), are
+    the new ones; clipping off leaves no gradient norm in the log."""
     folder = tmp_path / "run"
     shutil.copytree(stopped, folder)
     resume(data_dir, folder, "--lr", "0.01", "--beta1", "0.8", "--beta2", "0.99", "--weight-decay", "0.3",
-           "--grad-clip", "0")
+           "--grad-clip", "0", "--prior-lr-scale", "10")
     checkpoint = torch.load(folder / "last.pt", weights_only=True)
-    decayed, not_decayed = checkpoint["optimizer"]["param_groups"]
+    decayed, not_decayed, prior = checkpoint["optimizer"]["param_groups"]
     assert decayed["weight_decay"] == 0.3 and not_decayed["weight_decay"] == 0.0
-    assert decayed["betas"] == not_decayed["betas"] == (0.8, 0.99)
+    assert decayed["betas"] == not_decayed["betas"] == prior["betas"] == (0.8, 0.99)
     step_3 = [r for r in map(json.loads, open(folder / "log.jsonl")) if r.get("step") == 3 and "loss" in r][0]
     config = train.TrainConfig(**checkpoint["train_config"])
     assert config.lr == 0.01 and step_3["lr"] == train.learning_rate(2, config) and "grad_norm" not in step_3
+    assert decayed["lr"] == step_3["lr"] and prior["lr"] == 10 * step_3["lr"] and len(prior["params"]) == 2
+
+
+def test_a_checkpoint_from_before_the_priors_group_resumes_with_its_optimizer_state(data_dir, stopped):
+    """Checkpoints saved when the optimizer had two groups (the prior's parameters at the end of the
+    second) restore the same AdamW state as the three groups of today."""
+    checkpoint = torch.load(stopped / "last.pt", weights_only=True)
+    decay, no_decay, prior = checkpoint["optimizer"]["param_groups"]
+    assert prior["params"]  # bam: alpha and beta
+    older = {k: v for k, v in no_decay.items() if k != "lr_scale"} | {"params": no_decay["params"] + prior["params"]}
+    two_groups = checkpoint | {"optimizer": checkpoint["optimizer"] | {"param_groups": [decay, older]}}
+    config = train.TrainConfig(**checkpoint["train_config"])
+    states = []
+    for saved in (checkpoint, two_groups):
+        model = load_checkpoint(str(stopped / "last.pt"))[0]
+        optimizer = torch.optim.AdamW(model.param_groups(config.weight_decay))
+        loader = train.TokenLoader(config.data, "train", config.batch_size, model.config.block_size)
+        restore(saved, optimizer, config, loader, "cpu")
+        states.append({name: optimizer.state[p] for name, p in model.named_parameters()})
+        assert [len(g["params"]) for g in optimizer.param_groups] == [len(decay["params"]), len(no_decay["params"]), 2]
+    for name, state in states[0].items():
+        assert torch.equal(state["exp_avg"], states[1][name]["exp_avg"]), name
+
+
+def test_the_prior_learns_at_its_scale_of_the_learning_rate(data_dir, tmp_path):
+    """One AdamW step moves each parameter by about its group's learning rate: the prior's
+    --prior-lr-scale times as far."""
+    moved = []
+    for scale in ("1", "10"):
+        folder = tmp_path / scale
+        train.main(["--data", data_dir, "--out-dir", str(folder), *BASE, "--max-steps", "1", "--batch-size", "8",
+                    "--prior-lr-scale", scale])  # 8 windows: some answers to count
+        beta = torch.load(folder / "last.pt", weights_only=True)["model"]["positional.0.theta_beta"]
+        moved.append((beta - 1).abs())
+    assert torch.allclose(moved[1], 10 * moved[0], rtol=1e-3) and (moved[0] > 0).all()
 
 
 def test_prior_grad_given_on_resume_is_used(data_dir, tmp_path, monkeypatch, capsys):
