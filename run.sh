@@ -2,7 +2,8 @@
 # The main job, from nothing: set up .venv, make the synthetic passkey data (no download), train
 # config/main.toml's recipe on the CPU (or a GPU if there is one), let it answer one passkey prompt,
 # then test passkey retrieval from 1x to 256x the training length (32,768 tokens): the table and a heatmap PNG.
-#   VARIANT=alibi ./run.sh       # another positional variant: nope | alibi | bam | scaleinv
+#   VARIANT=alibi ./run.sh       # another positional variant: nope | alibi | bam | scaleinv (the recipe
+#                                # trains scaleinv without its p-RoPE: config/main.toml says why)
 #   STEPS=1000 ./run.sh          # train longer (600 steps by default, about 2 CPU minutes)
 #   ./run.sh --lr 1e-3           # any other train.py flag goes to train.py
 set -euo pipefail

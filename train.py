@@ -1,6 +1,7 @@
 """
 Train a GPT on one device, or on several with torchrun. Every setting is a flag (python train.py
 --help); a recipe, a JSON or TOML file of settings (config/*.toml), sets them too, and flags win over it.
+A recipe's table named after a variant ([scaleinv]) holds the settings of that variant only.
 
     python data/prepare.py synthetic && python train.py --config config/main.toml   # the main job: CPU, minutes
     python train.py --config config/gpt2_124m.toml                                  # GPT-2 124M on one GPU
@@ -24,7 +25,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from attention import document_ids
+from attention import VARIANTS, document_ids
 from common.checkpoint import RUNTIME_FIELDS, THIS_MACHINE, make_checkpoint, restore, resume_changes, save_checkpoint
 from common.distributed import check_world, start_world
 from common.settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param,
@@ -82,7 +83,8 @@ TRAIN_NAMES = {f.name for f in fields(TrainConfig)}
 
 def build_parser():
     parser = Parser(prog="train.py", description=__doc__, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with _ for -)")
+    parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with _ for -); a table "
+                        "named after a variant ([scaleinv]) holds settings for that variant only")
     for group_name, config_fields in (("training", fields(TrainConfig)), ("model", MODEL_FLAGS)):
         group = parser.add_argument_group(group_name)
         for f in config_fields:
@@ -96,7 +98,21 @@ def build_parser():
     return parser
 
 
+def check_settings(values, where, path):
+    """fail() at the first unknown setting in `values` or the first value its flag would refuse."""
+    unknown = sorted(set(values) - set(SETTINGS))
+    if unknown:
+        fail(f"config file {path} has unknown settings {unknown}{where}; see python train.py --help")
+    for name, value in values.items():  # the check a flag's value gets in flag_type
+        f = SETTINGS[name]
+        problem = check(value, f.type, f.metadata["interval"], f.metadata["choices"])
+        if problem:
+            fail(f"{name}{where} in {path} {problem}; see python train.py --help")
+
+
 def read_config_file(path):
+    """The settings of a recipe, and its variant tables: {variant: settings} that apply only when that
+    variant is the one trained (a TOML [scaleinv] table, a JSON "scaleinv" object)."""
     if not os.path.isfile(path):
         fail(f"config file {path} not found")
     try:
@@ -106,21 +122,21 @@ def read_config_file(path):
         fail(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
     if not isinstance(values, dict):
         fail(f"config file {path} must hold a table of settings, not a {type(values).__name__}")
-    unknown = sorted(set(values) - set(SETTINGS))
-    if unknown:
-        fail(f"config file {path} has unknown settings {unknown}; see python train.py --help")
-    for name, value in values.items():  # the check a flag's value gets in flag_type
-        f = SETTINGS[name]
-        problem = check(value, f.type, f.metadata["interval"], f.metadata["choices"])
-        if problem:
-            fail(f"{name} in {path} {problem}; see python train.py --help")
-    return values
+    tables = {name: values.pop(name) for name in VARIANTS if isinstance(values.get(name), dict)}
+    check_settings(values, "", path)
+    for name, table in tables.items():
+        if "attention" in table:
+            fail(f"the [{name}] table in {path} sets attention; it holds the settings of --attention {name} only")
+        check_settings(table, f" of the [{name}] table", path)
+    return values, tables
 
 
 def parse_config(argv):
-    """Returns (TrainConfig, the settings given explicitly by the file or the flags)."""
+    """Returns (TrainConfig, the settings given explicitly by the file or the flags). The recipe's
+    table for the variant trained wins over its other settings, and flags win over both."""
     args = vars(build_parser().parse_args(argv))
-    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values, tables = read_config_file(args.pop("config")) if "config" in args else ({}, {})
+    values.update(tables.get(args.get("attention", values.get("attention", SETTINGS["attention"].default)), {}))
     values.update(args)
     try:
         config = TrainConfig(**{k: v for k, v in values.items() if k in TRAIN_NAMES})

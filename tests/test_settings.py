@@ -86,6 +86,10 @@ BAD_CONFIG_FILES = [  # file name, content, what the one line must say after "<s
     ("run.json", '{"dtype": "float16"}', "dtype in {} must be one of auto, float32, bfloat16, got 'float16'"),
     ("run.json", '{"beta1": -0.5}', "beta1 in {} must be a finite number >= 0 and < 1, got -0.5"),
     ("run.json", "[1, 2]", "config file {} must hold a table of settings, not a list"),
+    ("run.toml", '[scaleinv]\nrope = "some"\n', "rope of the [scaleinv] table in {} must be one of none, full, partial"),
+    ("run.toml", "[bam]\nlearning_rate = 1\n", "config file {} has unknown settings ['learning_rate'] of the [bam] table"),
+    ("run.toml", '[alibi]\nattention = "bam"\n', "the [alibi] table in {} sets attention"),
+    ("run.toml", "[fire]\nqk_norm = true\n", "config file {} has unknown settings ['fire']"),  # not a variant
 ]
 
 
@@ -116,6 +120,20 @@ def test_a_bad_config_file_value_gets_the_same_check_as_a_flag(name, content, me
     error = one_line_error(capsys, "train.py", ["--config", str(path), "--out-dir", str(tmp_path / "out")])
     assert message.format(path) in error, error
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_variant_table_applies_to_its_variant_only_and_flags_win(tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text('qk_norm = false\nmax_steps = 50\n\n[scaleinv]\nrope = "none"\nqk_norm = true\n')
+    settings = {argv: train.parse_config(["--config", str(path), *argv.split()])[1]
+                for argv in ("--attention scaleinv", "--attention bam", "--attention scaleinv --rope partial", "")}
+    assert settings["--attention scaleinv"] == {"qk_norm": True, "max_steps": 50, "rope": "none",
+                                                      "attention": "scaleinv"}
+    assert settings["--attention bam"] == {"qk_norm": False, "max_steps": 50, "attention": "bam"}
+    assert settings["--attention scaleinv --rope partial"]["rope"] == "partial"  # the flag wins
+    assert settings[""] == {"qk_norm": False, "max_steps": 50}  # bam by default: not scaleinv's settings
+    path.write_text('attention = "scaleinv"\n\n[scaleinv]\nrope = "none"\n')  # the file names the variant
+    assert train.parse_config(["--config", str(path)])[1]["rope"] == "none"
 
 
 def test_a_dataset_with_a_broken_meta_json_is_named(capsys, tmp_path):

@@ -9,8 +9,9 @@ with the same recipe and the same seeds, then evaluate each one beyond the train
     python tools/compare.py --config config/tasks.toml --tasks passkey,latest,first,multikey --ssmax on --curve
 
 A configuration is a variant with SSMax on or off. Variants: nope, rope (nope + full RoPE, the
-papers' baseline), alibi, bam and scaleinv (with its p-RoPE). Every run trains with the recipe of
---config (config/compare.toml: the main job's plus QK-norm; a TOML or JSON file of train.py
+papers' baseline), alibi, bam and scaleinv (with its p-RoPE unless the recipe's [scaleinv] table
+says otherwise: config/compare.toml's trains it without RoPE). Every run trains with the recipe of
+--config (config/compare.toml: the main job's recipe; a TOML or JSON file of train.py
 settings, read as data; --data, --steps, --block-size and --qk-norm here win over it), and goes to
 --out-dir/runs/<variant>-ssmax_<on|off>-seed<S>-<hash of the settings>/. A finished run is reused
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
@@ -69,7 +70,7 @@ def parse_args(argv):
                    help="training seeds; the evaluation's prompts use the same seed (default: 1337,7)")
     p.add_argument("--config", default="config/compare.toml",
                    help="the recipe every run trains with: a TOML or JSON file of train.py settings (default: "
-                        "config/compare.toml, the main job's recipe plus QK-norm); the flags here win over it")
+                        "config/compare.toml, the main job's recipe); the flags here win over it")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"),
                    help="training steps per run, evaluated and saved every third of them, every tenth with --curve "
                         "(default: the recipe's)")
