@@ -17,7 +17,6 @@ import os
 import signal
 import sys
 import time
-import tomllib
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
 
@@ -28,8 +27,8 @@ from tqdm import tqdm
 from attention import VARIANTS, document_ids
 from common.checkpoint import RUNTIME_FIELDS, THIS_MACHINE, make_checkpoint, restore, resume_changes, save_checkpoint
 from common.distributed import check_world, start_world
-from common.settings import (Parser, StopSignals, autocast, check, check_fields, fail, flag_type, gpu_peak, param,
-                             pick_dtype, value_type)
+from common.settings import (Parser, StopSignals, autocast, check_fields, fail, flag_type, gpu_peak, param,
+                             pick_dtype, read_recipe, value_type)
 from data.shards import TokenLoader, data_fingerprint, read_meta
 from model import GPT, GPTConfig, load_checkpoint
 
@@ -98,44 +97,11 @@ def build_parser():
     return parser
 
 
-def check_settings(values, where, path):
-    """fail() at the first unknown setting in `values` or the first value its flag would refuse."""
-    unknown = sorted(set(values) - set(SETTINGS))
-    if unknown:
-        fail(f"config file {path} has unknown settings {unknown}{where}; see python train.py --help")
-    for name, value in values.items():  # the check a flag's value gets in flag_type
-        f = SETTINGS[name]
-        problem = check(value, f.type, f.metadata["interval"], f.metadata["choices"])
-        if problem:
-            fail(f"{name}{where} in {path} {problem}; see python train.py --help")
-
-
-def read_config_file(path):
-    """The settings of a recipe, and its variant tables: {variant: settings} that apply only when that
-    variant is the one trained (a TOML [scaleinv] table, a JSON "scaleinv" object)."""
-    if not os.path.isfile(path):
-        fail(f"config file {path} not found")
-    try:
-        with open(path, "rb") as f:
-            values = tomllib.load(f) if path.endswith(".toml") else json.load(f)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        fail(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
-    if not isinstance(values, dict):
-        fail(f"config file {path} must hold a table of settings, not a {type(values).__name__}")
-    tables = {name: values.pop(name) for name in VARIANTS if isinstance(values.get(name), dict)}
-    check_settings(values, "", path)
-    for name, table in tables.items():
-        if "attention" in table:
-            fail(f"the [{name}] table in {path} sets attention; it holds the settings of --attention {name} only")
-        check_settings(table, f" of the [{name}] table", path)
-    return values, tables
-
-
 def parse_config(argv):
     """Returns (TrainConfig, the settings given explicitly by the file or the flags). The recipe's
     table for the variant trained wins over its other settings, and flags win over both."""
     args = vars(build_parser().parse_args(argv))
-    values, tables = read_config_file(args.pop("config")) if "config" in args else ({}, {})
+    values, tables = read_recipe(args.pop("config"), SETTINGS, VARIANTS) if "config" in args else ({}, {})
     values.update(tables.get(args.get("attention", values.get("attention", SETTINGS["attention"].default)), {}))
     values.update(args)
     try:

@@ -7,10 +7,12 @@ value in one phrase; flag_type() runs the same check on a flag's text inside arg
 Parser makes every script's errors one line: `error: <problem>; see python <script> --help`.
 """
 import argparse
+import json
 import math
 import os
 import signal
 import sys
+import tomllib
 import types
 from dataclasses import field, fields
 
@@ -184,6 +186,40 @@ def output_file(path):
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"the folder {folder} does not exist; create it or give another path")
     return path
+
+
+def check_recipe_values(values, settings, where, path):
+    """fail() at the first unknown setting in `values` or the first value its flag would refuse."""
+    unknown = sorted(set(values) - set(settings))
+    if unknown:
+        fail(f"config file {path} has unknown settings {unknown}{where}; see python train.py --help")
+    for name, value in values.items():  # the check a flag's value gets in flag_type
+        f = settings[name]
+        problem = check(value, f.type, f.metadata["interval"], f.metadata["choices"])
+        if problem:
+            fail(f"{name}{where} in {path} {problem}; see python train.py --help")
+
+
+def read_recipe(path, settings, variants):
+    """A recipe file's settings (TOML or JSON, read as data; `settings`: {name: param() field}),
+    checked as their flags are, and its variant tables: {variant: settings} that apply only when
+    that variant is the one trained (a TOML [scaleinv] table, a JSON "scaleinv" object)."""
+    if not os.path.isfile(path):
+        fail(f"config file {path} not found")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        fail(f"config file {path} is not valid {'TOML' if path.endswith('.toml') else 'JSON'}: {e}")
+    if not isinstance(values, dict):
+        fail(f"config file {path} must hold a table of settings, not a {type(values).__name__}")
+    tables = {name: values.pop(name) for name in variants if isinstance(values.get(name), dict)}
+    check_recipe_values(values, settings, "", path)
+    for name, table in tables.items():
+        if "attention" in table:
+            fail(f"the [{name}] table in {path} sets attention; it holds the settings of --attention {name} only")
+        check_recipe_values(table, settings, f" of the [{name}] table", path)
+    return values, tables
 
 
 class Parser(argparse.ArgumentParser):
