@@ -212,3 +212,21 @@ def test_a_run_takes_the_recipe_and_the_flags_win(tmp_path, monkeypatch):
 def test_a_task_counts_as_learned_from_the_first_checkpoint_at_the_threshold():
     assert compare.learned_at([(100, 0.5), (200, 0.9), (300, 0.8), (400, 1.0)]) == 200
     assert compare.learned_at([(100, 0.5), (200, 0.89)]) is None
+
+
+def test_a_breaking_length_is_the_first_length_whose_mean_over_seeds_falls_below_half(capsys):
+    lengths = [("1x", 128), ("4x", 512), ("16x", 2048), ("64x", 8192)]
+    accuracy = {"bam": {"1x": (1.0, 1.0), "4x": (0.6, 0.4), "16x": (0.5, 0.4), "64x": (1.0, 1.0)},
+                "nope": {"1x": (1.0, 0.5), "4x": (0.5, 0.5), "16x": (0.75, 0.5), "64x": (0.5, 0.5)}}
+    runs = [{"folder": f"{v}{s}", "variant": v, "ssmax": "on"} for v in accuracy for s in (0, 1)]
+    results = {(f"{v}{s}", task, label): {"value": seeds[s], "count": 12}
+               for v, by_length in accuracy.items() for label, seeds in by_length.items() for s in (0, 1)
+               for task in ("passkey", "loss")}
+    args = compare.parse_args(["--variants", "bam,nope", "--ssmax", "on", "--tasks", "passkey,loss"])
+    summary = compare.summarize(runs, results, lengths, args)
+    # bam: 0.5 at 4x is not broken; 0.45 at 16x is, whatever 64x says. nope never falls below 0.5
+    assert [row["breaks_at"] for row in summary["passkey"]] == ["16x", None]
+    assert "breaks_at" not in summary["loss"][0]
+    compare.print_table("passkey", summary["passkey"], lengths)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[0] == "bam" and lines[-2].endswith("16x") and lines[-1].endswith("beyond 64x")

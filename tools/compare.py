@@ -17,8 +17,9 @@ settings, read as data; --data, --steps, --block-size and --qk-norm here win ove
 and a stopped one resumes; each (run, task, length) result is its own JSON file, so adding a
 length or a seed costs only the new part. Ctrl-C or SIGTERM stops the grid (training saves its
 step first); the same command continues where it stopped. Prompts depend on the seed only, so
-every configuration answers the same prompts. latest, first and multikey need data that has them
-(python data/prepare.py tasks; config/tasks.toml trains on it). --curve keeps every run's
+every configuration answers the same prompts. Each retrieval table ends with the configuration's
+breaking length: the first length where its mean accuracy falls below 0.5. latest, first and
+multikey need data that has them (python data/prepare.py tasks; config/tasks.toml trains on it). --curve keeps every run's
 checkpoint at each evaluation and scores each one at the first length: the steps each
 configuration needed to learn each task (accuracy >= 0.9), as a table and compare_curve.png.
 """
@@ -52,6 +53,7 @@ RETRIEVAL = eval_extrapolate.RETRIEVAL_TASKS
 TASKS = RETRIEVAL + ("loss",)
 GRID = dict(variants=list(VARIANT_FLAGS), ssmax=["on", "off"], seeds=[1337, 7], lengths="1x,4x,16x")
 LEARNED = 0.9  # --curve: the accuracy at the first length from which a task counts as learned
+BROKEN = 0.5  # a configuration's breaking length: the first length where its mean accuracy falls below this
 QUICK = dict(GRID, variants=["nope", "bam"], seeds=[1337], lengths="1x,4x")
 
 
@@ -239,6 +241,8 @@ def summarize(runs, results, lengths, args):
                     row[label] = {"mean": statistics.fmean(v["value"] for v in values),
                                   "min": min(v["value"] for v in values), "max": max(v["value"] for v in values),
                                   "count": sum(v["count"] for v in values), "seeds": len(values)}
+                if task in RETRIEVAL:
+                    row["breaks_at"] = next((label for label, _ in lengths if row[label]["mean"] < BROKEN), None)
                 rows.append(row)
         summary[task] = rows
     return summary
@@ -250,13 +254,16 @@ def print_table(task, rows, lengths):
     first = rows[0][lengths[0][0]]
     spread = " [min-max]" if first["seeds"] > 1 else ""
     print(f"\n{what}: mean over {first['seeds']} seed(s){spread}, {first['count']} {counted} per cell")
-    print("variant".ljust(10) + "ssmax".ljust(7) + "".join(f"{label} ({n})".rjust(22) for label, n in lengths))
+    breaks = f"breaks at (< {BROKEN})" if task in RETRIEVAL else ""
+    print("variant".ljust(10) + "ssmax".ljust(7) + "".join(f"{label} ({n})".rjust(22) for label, n in lengths)
+          + breaks.rjust(20))
     digits = 2 if task in RETRIEVAL else 3
     for row in rows:
         cells = [row[label] for label, _ in lengths]
         text = [f"{c['mean']:.{digits}f}" + (f" [{c['min']:.{digits}f}-{c['max']:.{digits}f}]" if c["seeds"] > 1 else "")
                 for c in cells]
-        print(row["variant"].ljust(10) + row["ssmax"].ljust(7) + "".join(t.rjust(22) for t in text))
+        broke = (row["breaks_at"] or f"beyond {lengths[-1][0]}") if task in RETRIEVAL else ""
+        print(row["variant"].ljust(10) + row["ssmax"].ljust(7) + "".join(t.rjust(22) for t in text) + broke.rjust(20))
 
 
 def save_plot(task, rows, lengths, path, block_size):
