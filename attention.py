@@ -261,8 +261,10 @@ def plain_attention(variant, ssmax, documents):
 class AttentionArgs:
     """What a layer's attention call is given besides q, k, v and SSMax, made once per forward
     (model.GPT.attention_args): the variant and its tables, the document ids (B, Tk) or None, the
-    engine, the chunked engine's tile size, flex's block mask (None: attend builds it) and, when
-    engines/prior_grad.py's exact route trains the prior, its derivative tables."""
+    engine, the chunked engine's tile size, flex's block mask (None: attend builds it), when
+    engines/prior_grad.py's exact route trains the prior its derivative tables, and whether sdpa on a
+    CPU runs an additive prior on its fused kernel, the bias's gradient summed along its diagonals
+    (engines/diagonal.py; else autograd through the T x T bias)."""
     variant: nn.Module
     tables: dict
     doc: torch.Tensor | None = None
@@ -270,6 +272,7 @@ class AttentionArgs:
     block: int = 512
     block_mask: object = None
     derivatives: list | None = None
+    diagonal: bool = False
 
 
 def sdpa_attention(q, k, v, variant, tables, score_mod, ssmax, doc, q_offset):

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 import engines
 from attention import (ENGINES, VARIANTS, AttentionArgs, apply_rotary, choose_engine, contract_problem,
-                       fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
+                       distance_table, fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
                        rotary_frequencies, sdpa_attention, ssmax_factor)
 from common.settings import check_fields, param
+from engines.diagonal import diagonal_attention
 
 ROPE_MODES = ("none", "full", "partial")
 PRIOR_GRADS = ("auto", "passes", "table")
@@ -50,10 +51,12 @@ class GPTConfig:
     key_offset: bool = param(True, "previous-token path: half of each head's key dimensions come from the token before")
     engine: str = param("auto", "attention engine: auto | sdpa | flex | chunked", choices=ENGINES)
     attn_block: int = param(512, "tile size of the chunked engine (its memory grows with its square)", "[1, inf)")
-    prior_grad: str = param("auto", "how flex and chunked give the prior's and SSMax's parameters their gradient: "
-                            "passes (exact, from one more attention pass; no atomics) | table (through the tables "
-                            "the score function reads; flex sums it with atomics) | auto (passes on flex, table on "
-                            "chunked, where it is faster on a CPU)", choices=PRIOR_GRADS)
+    prior_grad: str = param("auto", "how the prior's and SSMax's parameters get their gradient: passes (flex and "
+                            "chunked: exact, from one more attention pass; no atomics) | table (autograd through the "
+                            "tables the score function reads: flex sums it with atomics, sdpa through the T x T bias) | "
+                            "auto (passes on flex, table on chunked, where it is faster on a CPU); auto and passes run "
+                            "sdpa on a CPU on its fused kernel, the bias's gradient summed along its diagonals",
+                            choices=PRIOR_GRADS)
 
     def __post_init__(self):
         check_fields(self)  # types, ranges and choices, as a flag or a config file gets them
@@ -99,12 +102,15 @@ def attend(q, k, v, args, ssmax=None, q_offset=0):
     """Causal attention of q (B, H, Tq, D) over k, v (B, H, Tk, D) as `args` (attention.AttentionArgs)
     says, with the SSMax factor ssmax (B, H, Tq) or None; q_offset: the absolute position of the first
     query (Tk - Tq with a KV cache). An 'auto' engine is resolved here (GPT.attention_args resolves
-    it once per forward); sdpa runs here, flex, chunked and the exact route in engines/."""
+    it once per forward); sdpa runs here (a trained prior on a CPU through engines/diagonal.py), flex,
+    chunked and the exact route in engines/."""
     B, H, Tq, _ = q.shape
     plain = plain_attention(args.variant, ssmax is not None, args.doc is not None)
     engine = choose_engine(args.engine, plain, q.device, B, H, Tq, k.shape[2], not torch.is_grad_enabled())
     if engine != "sdpa" or args.derivatives is not None:
         return engines.attend(q, k, v, args, ssmax, q_offset, engine)
+    if args.diagonal:  # sdpa's fused CPU kernel; the prior's gradient summed along the bias's diagonals
+        return diagonal_attention(q, k, v, distance_table(args.variant, args.tables, H, Tq, q.device), ssmax, args.doc)
     score_mod = make_score_mod(args.variant, args.tables, ssmax, q_offset)
     return sdpa_attention(q, k, v, args.variant, args.tables, score_mod, ssmax, args.doc, q_offset)
 
@@ -262,7 +268,8 @@ class GPT(nn.Module):
         """Each layer's AttentionArgs, made once per forward, outside the layer loop (so torch.compile
         sees one graph): each prior's tables, the engine, flex's block mask, and the derivative tables
         when engines/prior_grad.py's exact route trains the prior (flex with --prior-grad auto or passes, chunked
-        with passes; training only). The last layer's queries start at queries_from: its own engine."""
+        with passes; training only), and whether sdpa on a CPU takes engines/diagonal.py (auto or passes). The
+        last layer's queries start at queries_from: its own engine."""
         c = self.config
         plain = plain_attention(self.positional[0], c.ssmax, doc is not None)
         inference = not torch.is_grad_enabled()
@@ -270,13 +277,18 @@ class GPT(nn.Module):
         block_mask = engines.flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
         exact = self.exact_prior_grad and not inference and n_keys == T and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
-        shared = [AttentionArgs(p, p(n_keys, device), doc, engine, c.attn_block, block_mask,
-                                engines.derivative_tables(p, c.n_head, n_keys, device, self.prior_repeats) if exact else None)
-                  for p in self.positional]
+        diagonal = (c.prior_grad != "table" and engine == "sdpa" and device.type == "cpu" and not inference
+                    and n_keys == T and self.positional[0].additive)
+        shared = []
+        for p in self.positional:
+            tables = p(n_keys, device)
+            derivatives = engines.derivative_tables(p, c.n_head, n_keys, device, self.prior_repeats) if exact else None
+            shared.append(AttentionArgs(p, tables, doc, engine, c.attn_block, block_mask, derivatives,
+                                        diagonal and bool(tables)))
         layers = [shared[i % len(shared)] for i in range(c.n_layer)]
         if queries_from:
             engine = choose_engine(c.engine, plain, device, B, c.n_head, T - queries_from, n_keys, inference)
-            layers[-1] = replace(layers[-1], engine=engine, block_mask=None)
+            layers[-1] = replace(layers[-1], engine=engine, block_mask=None, diagonal=False)
         return layers
 
     def hidden_states(self, idx, doc=None, cache=None, queries_from=0):

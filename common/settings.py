@@ -179,6 +179,12 @@ def comma_list(choices):
     return parse
 
 
+def comma_ints(interval):
+    """An argparse type= for a comma list of integers ('1,2,3'), each within interval ("[0, inf)")."""
+    item_type = flag_type(int, interval)
+    return lambda text: [item_type(item.strip()) for item in text.split(",")]
+
+
 def output_file(path):
     """An argparse type= for a file written at the end of a run: its folder must exist now, not
     after an hour of work."""

@@ -7,6 +7,8 @@ every other attention call to `attend` here.
                 over query x key tiles; without, one fused sdpa call per query tile on a view of the tables
     the exact route (prior_grad.py): flex or chunked with detached tables, the prior's and SSMax's
                 gradients from one more attention pass (--prior-grad passes)
+    diagonal.py sdpa's fused CPU kernel for a trained additive prior, its gradient summed along the
+                bias's diagonals: model.attend calls it directly (the default CPU training step)
 memory.py estimates what each engine needs at a length, for the evaluation's memory check.
 """
 import torch

@@ -1,6 +1,6 @@
-"""prior_grad.py's exact route against autograd through sdpa, in float64: every gradient of an
-attention call (q, k, v, each prior parameter, the SSMax scale), the forward passes of both
-engines, the per-layer prior in a whole model, and the fallback for variants it cannot take."""
+"""prior_grad.py's exact route and diagonal.py's against autograd through sdpa, in float64: every
+gradient of an attention call (q, k, v, each prior parameter, the SSMax scale), the forward passes of
+both engines, the per-layer prior in a whole model, and the fallback for variants it cannot take."""
 import pytest
 import torch
 import torch.nn as nn
@@ -8,6 +8,7 @@ import torch.nn as nn
 import engines
 from attention import BAM, AttentionArgs, ScaleInvariant, make_score_mod, prior_score, ssmax_factor
 from engines import prior_grad
+from engines.diagonal import diagonal_attention
 from engines.flex import flex_block_mask
 from engines.prior_grad import (attend_exact, attend_with_lse, derivative_tables, gradient_weights, prior_repeats,
                                 prior_table, route_problem)
@@ -142,7 +143,7 @@ def test_flex_runs_the_passes_as_chunked_does(use_doc, T, q_offset):
 
 def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
     """GPT with one BAM prior per layer, SSMax and documents: the route (chunked engine) gives
-    the loss and every parameter's gradient of the sdpa engine."""
+    the loss and every parameter's gradient of autograd through sdpa (--prior-grad table)."""
     calls = []
     monkeypatch.setattr(engines, "attend_exact", lambda *args: calls.append(args[3]) or attend_exact(*args))
     idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
@@ -150,12 +151,12 @@ def test_a_per_layer_prior_in_a_whole_model(monkeypatch):
     grads = []
     for engine in ("chunked", "sdpa"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(attention="bam", prior_per_layer=True, n_layer=3, n_head=H, n_embd=H * D,
-                              vocab_size=64, engine=engine, attn_block=64, prior_grad="passes")).double()
+        model = GPT(GPTConfig(attention="bam", prior_per_layer=True, n_layer=3, n_head=H, n_embd=H * D, vocab_size=64,
+                              engine=engine, attn_block=64, prior_grad="passes" if engine == "chunked" else "table")).double()
         with torch.no_grad():
             for i, prior in enumerate(model.positional):
                 prior.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]) + 0.2 * i)
-        assert model.exact_prior_grad
+        assert model.exact_prior_grad == (engine == "chunked")
         loss = model(idx, idx, doc=torch.cumsum(idx == 0, dim=1))[1]
         loss.backward()
         grads.append([loss] + [p.grad for p in model.parameters()])
@@ -234,7 +235,7 @@ def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries
     """model(idx) with gradients on and no targets (the logits of the last position, or of
     logits_at: a user differentiating a logit): the last layer computes its queries from the first
     scored position on, and the route must give them their true positions. The logits and every
-    gradient equal the sdpa engine's."""
+    gradient equal those of autograd through sdpa (--prior-grad table)."""
     calls = []
     monkeypatch.setattr(engines, "attend_exact", lambda *args, **kw: calls.append(1) or attend_exact(*args, **kw))
     idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
@@ -245,7 +246,7 @@ def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries
     for engine in ("chunked", "sdpa"):
         torch.manual_seed(0)
         model = GPT(GPTConfig(attention="bam", n_layer=2, n_head=H, n_embd=H * D, vocab_size=64, engine=engine,
-                              attn_block=64, prior_grad="passes")).double()
+                              attn_block=64, prior_grad="passes" if engine == "chunked" else "table")).double()
         with torch.no_grad():
             model.positional[0].theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]))
         logits = model(idx, doc=doc, logits_at=at)[0]
@@ -255,3 +256,61 @@ def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
     assert all(p.grad.abs().min() > 0 for p in model.positional.parameters())
+
+
+# ----------------------------------------------------------------------------------------
+# engines/diagonal.py: sdpa's fused CPU kernel, the bias's gradient summed along its diagonals
+
+def diagonal_gradients(var, T, doc, diagonal, use_ssmax):
+    """Output and gradients of (q, k, v, the variant's parameters[, the SSMax scale]) on sdpa, through
+    engines/diagonal.py or autograd through the bias."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    scale = torch.linspace(0.8, 1.5, H, dtype=torch.float64, requires_grad=True)
+    c = ssmax_factor(scale, B, T, 0, doc) if use_ssmax else None
+    y = attend(q, k, v, AttentionArgs(var, var(T, "cpu"), doc=doc, engine="sdpa", diagonal=diagonal), ssmax=c)
+    leaves = [q, k, v, *var.parameters()] + [scale] * use_ssmax
+    return [y] + list(torch.autograd.grad((y * torch.cos(3 * y)).sum(), leaves))
+
+
+@pytest.mark.parametrize("name", ["bam", "cauchy", "centred"])
+@pytest.mark.parametrize("use_doc", [False, True])
+@pytest.mark.parametrize("T, use_ssmax", [(1, True), (37, True), (37, False), (130, True), (1024, True), (1024, False)])
+def test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, T, use_ssmax):
+    """Any additive prior (a centre that moves too), with and without SSMax and documents, over one
+    query tile (37), a tile and a remainder (130) and eight tiles (1024)."""
+    var = make_variant(name)
+    doc = documents(T, use_doc)
+    want, got = (diagonal_gradients(var, T, doc, diagonal, use_ssmax) for diagonal in (False, True))
+    labels = ["out", "q", "k", "v", *(n for n, _ in var.named_parameters()), "ssmax scale"]
+    for label, a, b in zip(labels, got, want):
+        error = ((a - b).abs().max() / b.abs().max().clamp(min=1e-6)).item()
+        assert error < TOLERANCE, f"{label}: relative error {error:.1e}"
+    if T > 1:
+        assert all(g.abs().min() > 0 for g in want[4:])
+
+
+def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch):
+    """GPT on a CPU (sdpa, bam + SSMax, documents) trains through engines/diagonal.py by default, in
+    every layer, with the loss and gradients of autograd through the bias (--prior-grad table); never
+    in evaluation."""
+    import model as model_module
+    calls = []
+    monkeypatch.setattr(model_module, "diagonal_attention", lambda *a: calls.append(1) or diagonal_attention(*a))
+    idx = torch.randint(1, 64, (2, 150), generator=torch.Generator().manual_seed(0))
+    idx[:, 60] = 0
+    doc = torch.cumsum(idx == 0, dim=1)
+    grads = []
+    for prior_grad in ("auto", "table"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(attention="bam", n_layer=3, n_head=H, n_embd=H * D, vocab_size=64,
+                              prior_grad=prior_grad)).double()
+        loss = model(idx, idx, doc=doc)[1]
+        loss.backward()
+        grads.append([loss] + [p.grad for p in model.parameters()])
+    assert len(calls) == 3
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        model(idx, idx, doc=doc)
+    assert len(calls) == 3

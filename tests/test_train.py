@@ -325,7 +325,7 @@ def test_sample_uses_the_cache_and_the_checkpoint_tokenizer(data_dir, tmp_path, 
 
 def test_a_token_goes_from_a_shard_to_the_loss_through_four_files(data_dir):
     """README, "What is where": the default training step (bam + SSMax on a CPU) runs code of data/shards.py,
-    train.py (the caller here), model.py and attention.py only."""
+    train.py (the caller here), model.py, attention.py and engines/diagonal.py (the prior's gradient) only."""
     from data.shards import TokenLoader, read_meta
     from model import GPTConfig
     vocab_size = 64 * math.ceil(read_meta(data_dir)["vocab_size"] / 64)
@@ -344,4 +344,4 @@ def test_a_token_goes_from_a_shard_to_the_loss_through_four_files(data_dir):
     finally:
         sys.setprofile(None)
     ours = {f for f in ran if not f.startswith(("..", ".venv")) and f.endswith(".py")}
-    assert ours == {"data/shards.py", "model.py", "attention.py"}, ours
+    assert ours == {"data/shards.py", "model.py", "attention.py", "engines/diagonal.py"}, ours

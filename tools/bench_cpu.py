@@ -3,15 +3,17 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
 
   matmul  a float32 1024 x 1024 matmul: the machine's rate, the yardstick of the others
   train   one AdamW training step, batch 16, of the main job's model (4 layers, 4 heads, 128 wide) for
-          every variant, at T = 128 (the main job) and 384, next to a nanoGPT-shaped model (learned
+          every variant, at T = 128 (the main job), 384 and 1024, next to a nanoGPT-shaped model (learned
           positions, LayerNorm and biases, plain causal attention) of the same size on the same data,
-          and to NoPE with SSMax and NoPE without the previous-token path (what those cost)
+          to NoPE with SSMax and NoPE without the previous-token path (what those cost), and to bam
+          with --prior-grad table (autograd through the T x T bias, the route before engines/diagonal.py)
   long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
           variant: before (chunked_attention, the tiles autograd uses, every layer's every query) and
           now (the inference tiles, the last layer's queries from the answer on); seconds, and the
           attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
 
-    python tools/bench_cpu.py                       # everything, about a minute on 2 cores
+    python tools/bench_cpu.py                       # everything, 10-15 minutes on 2 cores (T = 1024 most of it)
+    python tools/bench_cpu.py --lengths 128,384     # training at the shorter lengths only, about a minute
     python tools/bench_cpu.py --sections train --compile   # training with every model compiled, as nanoGPT does
     python tools/bench_cpu.py --sections long --variants bam --out bench_cpu.json
 """
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import model as model_module
 from attention import VARIANTS
 from common.checkpoint import save_json
-from common.settings import Parser, comma_list, flag_type, output_file, run_main
+from common.settings import Parser, comma_ints, comma_list, flag_type, output_file, run_main
 from model import GPT, GPTConfig
 
 SECTIONS = ("matmul", "train", "long")
@@ -87,9 +89,10 @@ def train_section(args, results):
           f"and the ratio to the nanoGPT-shaped model")
     rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
         ("nope + SSMax", dict(attention="nope", ssmax=True)),
-        ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))]
+        ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))] + [
+        ("bam, --prior-grad table", dict(attention="bam", prior_grad="table"))] * ("bam" in args.variants)
     torch._dynamo.config.recompile_limit = 64  # every model is another specialization of the same forward
-    for T in (128, 384):
+    for T in args.lengths:
         data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
         x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
         steps = []
@@ -157,6 +160,8 @@ def main(argv=None):
                    help="comma list of sections: matmul, train, long (default all; long and train print the matmul rate too)")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
+    p.add_argument("--lengths", type=comma_ints("[1, inf)"), default=[128, 384, 1024],
+                   help="train: comma list of sequence lengths (default 128,384,1024)")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10,
                    help="train: timed rounds, one step of every model each (default 10)")
     p.add_argument("--compile", action="store_true",

@@ -41,7 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import eval_extrapolate
 import train
 from common.checkpoint import save_json
-from common.settings import Parser, comma_list, fail, flag_type, run_main
+from common.settings import Parser, comma_ints, comma_list, fail, flag_type, run_main
 from data.retrieval import task_sample
 from data.shards import read_meta, tokenizer_from_meta
 
@@ -57,18 +57,13 @@ BROKEN = 0.5  # a configuration's breaking length: the first length where its me
 QUICK = dict(GRID, variants=["nope", "bam"], seeds=[1337], lengths="1x,4x")
 
 
-def comma_list_of_ints(text):
-    seed = flag_type(int, "[0, inf)")
-    return [seed(item.strip()) for item in text.split(",")]
-
-
 def parse_args(argv):
     p = Parser(prog="tools/compare.py", description=__doc__)
     p.add_argument("--variants", type=comma_list(list(VARIANT_FLAGS)),
                    help=f"comma list of variants (default: {','.join(GRID['variants'])})")
     p.add_argument("--ssmax", type=comma_list(list(SSMAX_FLAGS)),
                    help="SSMax settings to train each variant with: on, off or on,off (default: on,off)")
-    p.add_argument("--seeds", type=comma_list_of_ints,
+    p.add_argument("--seeds", type=comma_ints("[0, inf)"),
                    help="training seeds; the evaluation's prompts use the same seed (default: 1337,7)")
     p.add_argument("--config", default="config/compare.toml",
                    help="the recipe every run trains with: a TOML or JSON file of train.py settings (default: "

@@ -1,0 +1,114 @@
+"""
+sdpa's fused CPU kernel for an additive prior that trains: the kernel runs attention with the bias
+detached, and the bias's gradient, summed along its diagonals, gives the prior and SSMax theirs.
+
+A prior adds B_ij = c_i f_h(i - j) to the logits S_ij (c_i the SSMax factor, 1 without). Through a
+bias that needs a gradient sdpa takes its math path on a CPU: the B x H x T x T logits, their
+softmax and its backward, every entry above the diagonal too, then a scatter of the bias's gradient
+into the (H, T) table (docs/performance.md has the profile). Yet the prior needs only
+
+    dLoss/df_h(t) = sum over b, i of c_i G_i,i-t        (the t-th diagonal of c G)
+    dLoss/dc_i    = sum_j G_ij f_h(i - j)               (+ the S part, through c q)
+    G_ij = dLoss/dB_ij = P_ij (dO_i . v_j - D_i),  D_i = dO_i . O_i   (the softmax's backward)
+
+and autograd takes dLoss/df from the table to the prior's parameters, whatever they are. So the
+forward runs the fused kernel (its causal tiles skipped, the bias as a mask) and keeps its
+log-sum-exp; the backward gives q, k, v the fused kernel's gradients and then walks query tiles,
+P from the log-sum-exp, G one tile at a time, summed over the batch and along the diagonals with a
+strided view: nothing T x T per batch row is kept, nothing is scattered.
+Two details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
+column of ones in k and v), so that each matmul yields L - lse and dO . v - D directly; and P is
+exp2 of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88.
+"""
+import math
+
+import torch
+
+from attention import allowed, distance, index_grids
+
+LOG2E = 1 / math.log(2)
+TILE = 128  # query rows per tile of the backward: its P and G are B x H x 128 x (keys the tile sees)
+
+
+def fused_attention(q, k, v, bias):
+    """Causal attention with an additive bias (-inf where masked) on sdpa's fused CPU kernel, which
+    skips the tiles above the diagonal when told the attention is causal: (output, log-sum-exp)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, attn_mask=bias.to(q.dtype))
+
+
+def diagonal_attention(q, k, v, f, ssmax, doc, tile=TILE):
+    """Causal self-attention (Tq = Tk) with logits c_i (S_ij + f[h, i - j]) and f (H, T) the prior's
+    table (with the gradient of the prior's parameters), ssmax c (B, H, T) or None."""
+    B, H, T, _ = q.shape
+    b, h, qi, ki = index_grids(B, H, (0, T), (0, T), q.device, doc)
+    f_grid = f.detach()[h, distance(qi, ki)]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
+    c = None if ssmax is None else ssmax.detach()[:1 if doc is None else B, :, :, None]
+    bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
+    if ssmax is not None:  # (S + f) c = (c q).k / sqrt(d) + f c: c folded into q, its S part through here
+        q = q * ssmax[..., None].to(q.dtype)
+    out, lse = fused_attention(q, k, v, bias)
+    return DiagonalGradients.apply(out, lse, q.detach(), k.detach(), v.detach(), bias, f_grid[0], f, ssmax, tile)
+
+
+class DiagonalGradients(torch.autograd.Function):
+    """out, unchanged, whose backward gives the prior's table f (H, T) and the SSMax factor c
+    (B, H, T) the gradients of the module docstring; q, k and v get theirs from the fused kernel."""
+
+    @staticmethod
+    def forward(ctx, out, lse, q, k, v, bias, f_grid, f, c, tile):
+        ctx.save_for_backward(out, lse, q, k, v, bias, f_grid, c)
+        ctx.tile = tile
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        out, lse, q, k, v, bias, f_grid, c = ctx.saved_tensors
+        table, with_c = ctx.needs_input_grad[7:9]
+        if not (table or with_c):  # a fixed prior (ALiBi) without SSMax: the fused kernel's gradients are all
+            return grad_out, None, None, None, None, None, None, None, None, None
+        grad_f, grad_c = bias_gradients(grad_out, out, lse, q, k, v, bias, f_grid, c, table, with_c, ctx.tile)
+        return (grad_out, None, None, None, None, None, None, grad_f if grad_f is None else grad_f.to(f_grid.dtype),
+                grad_c if grad_c is None else grad_c.to(c.dtype), None)
+
+
+@torch.no_grad()
+def bias_gradients(d_out, out, lse, q, k, v, bias, f_grid, c, table, with_c, tile):
+    """(dLoss/df (H, T) or None, dLoss/dc's bias part (B, H, T) or None), over query tiles of
+    `tile` rows. q is c q (SSMax folded in), bias c f (-inf where masked), f_grid f (H, T, T)."""
+    B, H, T, D = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    ones = q.new_ones(B, H, T, 1, dtype=dtype)
+    d_row = (d_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # D_i
+    # one more column: (q, -lse) . (k, 1) = S - lse and (dO, -D) . (v, 1) = dO . v - D, in base 2 for exp2
+    q_ext = torch.cat([q.to(dtype) * (LOG2E / math.sqrt(D)), -LOG2E * lse.to(dtype)[..., None]], dim=-1)
+    k_ext, v_ext = torch.cat([k.to(dtype), ones], dim=-1), torch.cat([v.to(dtype), ones], dim=-1)
+    d_ext = torch.cat([d_out.to(dtype), -d_row], dim=-1)
+    bias2 = bias.to(dtype) * LOG2E
+    c = None if c is None else c.to(dtype)
+    one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
+    grad_f = torch.zeros(H, T, dtype=dtype, device=q.device) if table else None
+    grad_c = torch.empty(B, H, T, dtype=dtype, device=q.device) if with_c else None
+    for i0 in range(0, T, tile):
+        i1 = min(i0 + tile, T)
+        rows, keys = slice(i0, i1), slice(0, i1)  # a query tile sees keys 0 .. i1 - 1
+        p = (q_ext[:, :, rows] @ k_ext[:, :, keys].transpose(-1, -2)).add_(bias2[:, :, rows, keys]).exp2_()
+        g = (d_ext[:, :, rows] @ v_ext[:, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (B, H, R, K)
+        if with_c:
+            grad_c[:, :, rows] = torch.einsum("bhrk,hrk->bhr", g, f_grid[:, rows, keys].to(dtype))
+        if table:  # sum over the batch of c_i G_ij: without documents c_i is the same in every row
+            summed = (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
+                      torch.einsum("bhrk,bhr->hrk", g, c[:, :, rows]))
+            grad_f[:, :i1] += diagonal_sums(summed, i0)
+    return grad_f, grad_c
+
+
+def diagonal_sums(x, i0):
+    """s (H, i0 + R) with s[h, t] = sum of x[h, r, j] over i0 + r - j = t, for x (H, R, K = i0 + R) the
+    tile of query rows i0 .. i0 + R - 1 against keys 0 .. K - 1 (entries with j > i0 + r ignored).
+    With R zero columns in front, padded[r, R + j] = x[r, j] and the diagonal t runs through flat
+    offsets r (R + K + 1) + (R + i0 - t): one strided view, summed over r."""
+    H, R, K = x.shape
+    padded = x.new_zeros(H, R, R + K)
+    padded[:, :, R:] = x
+    diagonals = padded.as_strided((H, R + i0 + 1, R), (R * (R + K), 1, R + K + 1))  # [h, e, r] = padded[h, r, e + r]
+    return diagonals.sum(-1).flip(-1)[:, :K]  # e = R + i0 - t
