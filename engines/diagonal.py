@@ -1,21 +1,23 @@
 """
 sdpa's fused CPU kernel for an additive prior that trains: the kernel runs attention with the bias
-detached, and the bias's gradient, summed along its diagonals, gives the prior and SSMax theirs.
+detached, and a tiled backward gives q, k, v their gradients and the prior and SSMax theirs from the
+bias's gradient, summed along its diagonals.
 
 A prior adds B_ij = c_i f_h(i - j) to the logits S_ij (c_i the SSMax factor, 1 without). Through a
 bias that needs a gradient sdpa takes its math path on a CPU: the B x H x T x T logits, their
-softmax and its backward, every entry above the diagonal too, then a scatter of the bias's gradient
-into the (H, T) table (docs/performance.md has the profile). Yet the prior needs only
+softmax and its backward over every entry, the masked half too, then a scatter of the bias's
+gradient into the (H, T) table (docs/performance.md has the profile). Yet the prior needs only
 
     dLoss/df_h(t) = sum over b, i of c_i G_i,i-t        (the t-th diagonal of c G)
     dLoss/dc_i    = sum_j G_ij f_h(i - j)               (+ the S part, through c q)
     G_ij = dLoss/dB_ij = P_ij (dO_i . v_j - D_i),  D_i = dO_i . O_i   (the softmax's backward)
 
 and autograd takes dLoss/df from the table to the prior's parameters, whatever they are. So the
-forward runs the fused kernel (its causal tiles skipped, the bias as a mask) and keeps its
-log-sum-exp; the backward gives q, k, v the fused kernel's gradients and then walks query tiles,
-P from the log-sum-exp, G one tile at a time, summed over the batch and along the diagonals with a
-strided view: nothing T x T per batch row is kept, nothing is scattered.
+forward runs the fused kernel (told that attention is causal, it skips the tiles above the
+diagonal) and keeps its log-sum-exp; the backward walks query tiles against the keys they see:
+P from the log-sum-exp, G, then dq = G k, dk = G^T q, dv = P^T dO (the softmax backward the kernel
+would do) and G summed over the batch and along its diagonals with one strided view. Nothing
+T x T per batch row is kept, and nothing is scattered.
 Two details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
 column of ones in k and v), so that each matmul yields L - lse and dO . v - D directly; and P is
 exp2 of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88.
@@ -27,7 +29,7 @@ import torch
 from attention import allowed, distance, index_grids
 
 LOG2E = 1 / math.log(2)
-TILE = 128  # query rows per tile of the backward: its P and G are B x H x 128 x (keys the tile sees)
+TILE = 64  # query rows per tile of the backward: its P and G are B x H x 64 x (keys the tile sees)
 
 
 def fused_attention(q, k, v, bias):
@@ -46,46 +48,46 @@ def diagonal_attention(q, k, v, f, ssmax, doc, tile=TILE):
     bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
     if ssmax is not None:  # (S + f) c = (c q).k / sqrt(d) + f c: c folded into q, its S part through here
         q = q * ssmax[..., None].to(q.dtype)
-    out, lse = fused_attention(q, k, v, bias)
-    return DiagonalGradients.apply(out, lse, q.detach(), k.detach(), v.detach(), bias, f_grid[0], f, ssmax, tile)
+    return BiasedAttention.apply(q, k, v, bias, f_grid[0], f, ssmax, tile)
 
 
-class DiagonalGradients(torch.autograd.Function):
-    """out, unchanged, whose backward gives the prior's table f (H, T) and the SSMax factor c
-    (B, H, T) the gradients of the module docstring; q, k and v get theirs from the fused kernel."""
+class BiasedAttention(torch.autograd.Function):
+    """Attention with the bias on the fused kernel; the backward of the module docstring gives q, k,
+    v, the prior's table f (H, T) and the SSMax factor c (B, H, T) their gradients."""
 
     @staticmethod
-    def forward(ctx, out, lse, q, k, v, bias, f_grid, f, c, tile):
-        ctx.save_for_backward(out, lse, q, k, v, bias, f_grid, c)
+    def forward(ctx, q, k, v, bias, f_grid, f, c, tile):
+        out, lse = fused_attention(q, k, v, bias)
+        ctx.save_for_backward(q, k, v, out, lse, bias, f_grid, c)
         ctx.tile = tile
-        return out.view_as(out)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out):
-        out, lse, q, k, v, bias, f_grid, c = ctx.saved_tensors
-        table, with_c = ctx.needs_input_grad[7:9]
-        if not (table or with_c):  # a fixed prior (ALiBi) without SSMax: the fused kernel's gradients are all
-            return grad_out, None, None, None, None, None, None, None, None, None
-        grad_f, grad_c = bias_gradients(grad_out, out, lse, q, k, v, bias, f_grid, c, table, with_c, ctx.tile)
-        return (grad_out, None, None, None, None, None, None, grad_f if grad_f is None else grad_f.to(f_grid.dtype),
-                grad_c if grad_c is None else grad_c.to(c.dtype), None)
+    def backward(ctx, d_out):
+        q, k, v, out, lse, bias, f_grid, c = ctx.saved_tensors
+        table, with_c = ctx.needs_input_grad[5:7]
+        grads = attention_backward(d_out, q, k, v, out, lse, bias, f_grid, c, table, with_c, ctx.tile)
+        return *grads[:3], None, None, *grads[3:], None
 
 
 @torch.no_grad()
-def bias_gradients(d_out, out, lse, q, k, v, bias, f_grid, c, table, with_c, tile):
-    """(dLoss/df (H, T) or None, dLoss/dc's bias part (B, H, T) or None), over query tiles of
-    `tile` rows. q is c q (SSMax folded in), bias c f (-inf where masked), f_grid f (H, T, T)."""
+def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, c, table, with_c, tile):
+    """(dq, dk, dv, dLoss/df (H, T) or None, dLoss/dc's bias part (B, H, T) or None), over query tiles
+    of `tile` rows: q is c q (SSMax folded in), bias c f (-inf where masked), f_grid f (H, T, T)."""
     B, H, T, D = q.shape
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    ones = q.new_ones(B, H, T, 1, dtype=dtype)
-    d_row = (d_out.to(dtype) * out.to(dtype)).sum(-1, keepdim=True)  # D_i
+    dtype, scale = torch.promote_types(q.dtype, torch.float32), 1 / math.sqrt(D)
+    q, k, v, d_out = q.to(dtype), k.to(dtype), v.to(dtype), d_out.to(dtype)
+    ones = q.new_ones(B, H, T, 1)
+    d_row = (d_out * out.to(dtype)).sum(-1, keepdim=True)  # D_i
     # one more column: (q, -lse) . (k, 1) = S - lse and (dO, -D) . (v, 1) = dO . v - D, in base 2 for exp2
-    q_ext = torch.cat([q.to(dtype) * (LOG2E / math.sqrt(D)), -LOG2E * lse.to(dtype)[..., None]], dim=-1)
-    k_ext, v_ext = torch.cat([k.to(dtype), ones], dim=-1), torch.cat([v.to(dtype), ones], dim=-1)
-    d_ext = torch.cat([d_out.to(dtype), -d_row], dim=-1)
+    q_ext = torch.cat([q * (LOG2E * scale), -LOG2E * lse.to(dtype)[..., None]], dim=-1)
+    k_ext, v_ext = torch.cat([k, ones], dim=-1), torch.cat([v, ones], dim=-1)
+    d_ext = torch.cat([d_out, -d_row], dim=-1)
     bias2 = bias.to(dtype) * LOG2E
-    c = None if c is None else c.to(dtype)
+    q_scaled, k_scaled = q * scale, k * scale  # dS/dq = k / sqrt(d), dS/dk = q / sqrt(d)
     one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
+    c_dtype, c = (None, None) if c is None else (c.dtype, c.to(dtype))
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     grad_f = torch.zeros(H, T, dtype=dtype, device=q.device) if table else None
     grad_c = torch.empty(B, H, T, dtype=dtype, device=q.device) if with_c else None
     for i0 in range(0, T, tile):
@@ -93,13 +95,17 @@ def bias_gradients(d_out, out, lse, q, k, v, bias, f_grid, c, table, with_c, til
         rows, keys = slice(i0, i1), slice(0, i1)  # a query tile sees keys 0 .. i1 - 1
         p = (q_ext[:, :, rows] @ k_ext[:, :, keys].transpose(-1, -2)).add_(bias2[:, :, rows, keys]).exp2_()
         g = (d_ext[:, :, rows] @ v_ext[:, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (B, H, R, K)
+        dv[:, :, keys] += p.transpose(-1, -2) @ d_out[:, :, rows]
+        dq[:, :, rows] = g @ k_scaled[:, :, keys]
+        dk[:, :, keys] += g.transpose(-1, -2) @ q_scaled[:, :, rows]
         if with_c:
             grad_c[:, :, rows] = torch.einsum("bhrk,hrk->bhr", g, f_grid[:, rows, keys].to(dtype))
         if table:  # sum over the batch of c_i G_ij: without documents c_i is the same in every row
             summed = (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
                       torch.einsum("bhrk,bhr->hrk", g, c[:, :, rows]))
             grad_f[:, :i1] += diagonal_sums(summed, i0)
-    return grad_f, grad_c
+    return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype), grad_f if grad_f is None else grad_f.to(f_grid.dtype),
+            grad_c if grad_c is None else grad_c.to(c_dtype))
 
 
 def diagonal_sums(x, i0):

@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import model as model_module
+import engines
 from attention import VARIANTS
 from common.checkpoint import save_json
 from common.settings import Parser, comma_ints, comma_list, flag_type, output_file, run_main
@@ -142,7 +142,7 @@ def long_section(args, results, matmul):
         idx, positions = torch.randint(MAIN_JOB["vocab_size"], (1, T)), torch.arange(T - answer, T)
 
         def before():  # the tiles autograd uses, every query of every layer
-            with mock.patch.object(model_module, "affine_tables", lambda *a: None):
+            with mock.patch.object(engines, "affine_tables", lambda *a: None):
                 model.lm_head(model.hidden_states(idx)[:, positions])
 
         with torch.no_grad():
