@@ -128,10 +128,11 @@ class ScaleInvariant(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.tau = config.scaleinv_tau
+        self.register_buffer("tau", torch.tensor(config.scaleinv_tau), persistent=False)
 
     def forward(self, n, device):
-        log_t = torch.log1p(torch.arange(n, device=device, dtype=torch.float32) / self.tau)
+        dtype = torch.promote_types(self.tau.dtype, torch.float32)  # float32, float64 in float64 tests
+        log_t = torch.log1p(torch.arange(n, device=device, dtype=dtype) / self.tau.to(device, dtype))
         return {"a": torch.sqrt(2 * log_t + 1), "m": -2 * log_t}
 
     @staticmethod

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engines
-from attention import (ENGINES, VARIANTS, AttentionArgs, apply_rotary, choose_engine, contract_problem,
-                       distance_table, fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
+from attention import (ENGINES, VARIANTS, AttentionArgs, affine_tables, apply_rotary, choose_engine,
+                       contract_problem, fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
                        rotary_frequencies, sdpa_attention, ssmax_factor)
 from common.settings import check_fields, param
 from engines.diagonal import diagonal_attention
@@ -110,7 +110,7 @@ def attend(q, k, v, args, ssmax=None, q_offset=0):
     if engine != "sdpa" or args.derivatives is not None:
         return engines.attend(q, k, v, args, ssmax, q_offset, engine)
     if args.diagonal:  # sdpa's fused CPU kernel; the prior's gradient summed along the bias's diagonals
-        return diagonal_attention(q, k, v, distance_table(args.variant, args.tables, H, Tq, q.device), ssmax, args.doc)
+        return diagonal_attention(q, k, v, *affine_tables(args.variant, args.tables, H, Tq, q.device), ssmax, args.doc)
     score_mod = make_score_mod(args.variant, args.tables, ssmax, q_offset)
     return sdpa_attention(q, k, v, args.variant, args.tables, score_mod, ssmax, args.doc, q_offset)
 
@@ -278,7 +278,7 @@ class GPT(nn.Module):
         exact = self.exact_prior_grad and not inference and n_keys == T and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
         diagonal = (c.prior_grad != "table" and engine == "sdpa" and device.type == "cpu" and not inference
-                    and n_keys == T and self.positional[0].additive)
+                    and n_keys == T and (self.positional[0].additive or getattr(self.positional[0], "affine", False)))
         shared = []
         for p in self.positional:
             tables = p(n_keys, device)

@@ -38,74 +38,110 @@ def fused_attention(q, k, v, bias):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, attn_mask=bias.to(q.dtype))
 
 
-def diagonal_attention(q, k, v, f, ssmax, doc, tile=TILE):
-    """Causal self-attention (Tq = Tk) with logits c_i (S_ij + f[h, i - j]) and f (H, T) the prior's
-    table (with the gradient of the prior's parameters), ssmax c (B, H, T) or None."""
+def diagonal_attention(q, k, v, f, a, ssmax, doc, tile=TILE):
+    """Causal self-attention (Tq = Tk) with logits c_i (a[h, i - j] S_ij + f[h, i - j]): f, a (H, T) the
+    prior's tables, with the gradients of its parameters (a None for an additive prior: 1), ssmax c
+    (B, H, T) or None."""
     B, H, T, _ = q.shape
     b, h, qi, ki = index_grids(B, H, (0, T), (0, T), q.device, doc)
-    f_grid = f.detach()[h, distance(qi, ki)]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
+    t = distance(qi, ki)
+    f_grid = f.detach()[h, t]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
+    a_grid = None if a is None else a.detach()[h, t][0]
     c = None if ssmax is None else ssmax.detach()[:1 if doc is None else B, :, :, None]
     bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
-    if ssmax is not None:  # (S + f) c = (c q).k / sqrt(d) + f c: c folded into q, its S part through here
+    if ssmax is not None:  # c (a S + f) = a (c q).k / sqrt(d) + f c: c folded into q, its S part through here
         q = q * ssmax[..., None].to(q.dtype)
-    return BiasedAttention.apply(q, k, v, bias, f_grid[0], f, ssmax, tile)
+    return PriorAttention.apply(q, k, v, bias, f_grid[0], a_grid, f, a, ssmax, tile)
 
 
-class BiasedAttention(torch.autograd.Function):
-    """Attention with the bias on the fused kernel; the backward of the module docstring gives q, k,
-    v, the prior's table f (H, T) and the SSMax factor c (B, H, T) their gradients."""
+class PriorAttention(torch.autograd.Function):
+    """Attention with the bias on the fused kernel (an affine prior: over query tiles); the backward of
+    the module docstring gives q, k, v, the prior's tables f and a (H, T) and the SSMax factor c
+    (B, H, T) their gradients."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, f_grid, f, c, tile):
-        out, lse = fused_attention(q, k, v, bias)
-        ctx.save_for_backward(q, k, v, out, lse, bias, f_grid, c)
+    def forward(ctx, q, k, v, bias, f_grid, a_grid, f, a, c, tile):
+        out, lse = fused_attention(q, k, v, bias) if a_grid is None else affine_attention(q, k, v, a_grid, bias, tile)
+        ctx.save_for_backward(q, k, v, out, lse, bias, f_grid, a_grid, c)
         ctx.tile = tile
         return out
 
     @staticmethod
     def backward(ctx, d_out):
-        q, k, v, out, lse, bias, f_grid, c = ctx.saved_tensors
-        table, with_c = ctx.needs_input_grad[5:7]
-        grads = attention_backward(d_out, q, k, v, out, lse, bias, f_grid, c, table, with_c, ctx.tile)
-        return *grads[:3], None, None, *grads[3:], None
+        q, k, v, out, lse, bias, f_grid, a_grid, c = ctx.saved_tensors
+        wanted = ctx.needs_input_grad[6:9]  # f, a, c
+        grads = attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted, ctx.tile)
+        return *grads[:3], None, None, None, *grads[3:], None
 
 
 @torch.no_grad()
-def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, c, table, with_c, tile):
-    """(dq, dk, dv, dLoss/df (H, T) or None, dLoss/dc's bias part (B, H, T) or None), over query tiles
-    of `tile` rows: q is c q (SSMax folded in), bias c f (-inf where masked), f_grid f (H, T, T)."""
+def affine_attention(q, k, v, a_grid, bias, tile):
+    """(output, log-sum-exp) of attention with logits a S + bias, a (H, T, T), one softmax per query
+    tile over every key it sees (no kernel takes a S), in base 2 for exp2."""
+    B, H, T, D = q.shape
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    q2, k, v = q.to(dtype) * (LOG2E / math.sqrt(D)), k.to(dtype), v.to(dtype)
+    a_grid, bias2 = a_grid.to(dtype), bias.to(dtype) * LOG2E
+    out, lse = torch.empty_like(q2), q2.new_empty(B, H, T)
+    for i0 in range(0, T, tile):
+        i1 = min(i0 + tile, T)
+        rows, keys = slice(i0, i1), slice(0, i1)
+        x = (q2[:, :, rows] @ k[:, :, keys].transpose(-1, -2)).mul_(a_grid[:, rows, keys]).add_(bias2[:, :, rows, keys])
+        top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
+        p = x.sub_(top).exp2_()
+        total = p.sum(-1, keepdim=True)
+        out[:, :, rows] = (p @ v[:, :, keys]).div_(total)
+        lse[:, :, rows] = (top + total.log2()).squeeze(-1) / LOG2E
+    return out.to(q.dtype), lse
+
+
+@torch.no_grad()
+def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted, tile):
+    """(dq, dk, dv, then dLoss/df (H, T), dLoss/da (H, T) and dLoss/dc's bias part (B, H, T), each None
+    unless `wanted`), over query tiles of `tile` rows: q is c q (SSMax folded in), bias c f (-inf where
+    masked), f_grid and a_grid f and a (H, T, T) (a_grid None: a = 1)."""
     B, H, T, D = q.shape
     dtype, scale = torch.promote_types(q.dtype, torch.float32), 1 / math.sqrt(D)
     q, k, v, d_out = q.to(dtype), k.to(dtype), v.to(dtype), d_out.to(dtype)
     ones = q.new_ones(B, H, T, 1)
     d_row = (d_out * out.to(dtype)).sum(-1, keepdim=True)  # D_i
     # one more column: (q, -lse) . (k, 1) = S - lse and (dO, -D) . (v, 1) = dO . v - D, in base 2 for exp2
-    q_ext = torch.cat([q * (LOG2E * scale), -LOG2E * lse.to(dtype)[..., None]], dim=-1)
+    lse2 = LOG2E * lse.to(dtype)[..., None]
+    q_ext = torch.cat([q * (LOG2E * scale), -lse2], dim=-1)
     k_ext, v_ext = torch.cat([k, ones], dim=-1), torch.cat([v, ones], dim=-1)
     d_ext = torch.cat([d_out, -d_row], dim=-1)
     bias2 = bias.to(dtype) * LOG2E
+    a_grid = None if a_grid is None else a_grid.to(dtype)
     q_scaled, k_scaled = q * scale, k * scale  # dS/dq = k / sqrt(d), dS/dk = q / sqrt(d)
     one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
     c_dtype, c = (None, None) if c is None else (c.dtype, c.to(dtype))
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    grad_f = torch.zeros(H, T, dtype=dtype, device=q.device) if table else None
-    grad_c = torch.empty(B, H, T, dtype=dtype, device=q.device) if with_c else None
+    grad_f, grad_a = (torch.zeros(H, T, dtype=dtype, device=q.device) if w else None for w in wanted[:2])
+    grad_c = torch.empty(B, H, T, dtype=dtype, device=q.device) if wanted[2] else None
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)  # a query tile sees keys 0 .. i1 - 1
-        p = (q_ext[:, :, rows] @ k_ext[:, :, keys].transpose(-1, -2)).add_(bias2[:, :, rows, keys]).exp2_()
+        if a_grid is None:
+            p = (q_ext[:, :, rows] @ k_ext[:, :, keys].transpose(-1, -2)).add_(bias2[:, :, rows, keys]).exp2_()
+        else:  # L = a S + bias: S itself is kept for a's gradient
+            s = q_scaled[:, :, rows] @ k[:, :, keys].transpose(-1, -2)
+            p = (s * (LOG2E * a_grid[:, rows, keys])).add_(bias2[:, :, rows, keys]).sub_(lse2[:, :, rows]).exp2_()
         g = (d_ext[:, :, rows] @ v_ext[:, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (B, H, R, K)
+        g_s = g if a_grid is None else g * a_grid[:, rows, keys]  # dLoss/dS = G a
         dv[:, :, keys] += p.transpose(-1, -2) @ d_out[:, :, rows]
-        dq[:, :, rows] = g @ k_scaled[:, :, keys]
-        dk[:, :, keys] += g.transpose(-1, -2) @ q_scaled[:, :, rows]
-        if with_c:
+        dq[:, :, rows] = g_s @ k_scaled[:, :, keys]
+        dk[:, :, keys] += g_s.transpose(-1, -2) @ q_scaled[:, :, rows]
+        if grad_c is not None:
             grad_c[:, :, rows] = torch.einsum("bhrk,hrk->bhr", g, f_grid[:, rows, keys].to(dtype))
-        if table:  # sum over the batch of c_i G_ij: without documents c_i is the same in every row
+        if grad_f is not None:  # sum over the batch of c_i G_ij: without documents c_i is the same in every row
             summed = (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
                       torch.einsum("bhrk,bhr->hrk", g, c[:, :, rows]))
             grad_f[:, :i1] += diagonal_sums(summed, i0)
-    return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype), grad_f if grad_f is None else grad_f.to(f_grid.dtype),
-            grad_c if grad_c is None else grad_c.to(c_dtype))
+        if grad_a is not None:  # dLoss/da_ij = G_ij (c q_i).k_j / sqrt(d)
+            grad_a[:, :i1] += diagonal_sums((g * s).sum(0), i0)
+    return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype),
+            *(None if x is None else x.to(f_grid.dtype) for x in (grad_f, grad_a)),
+            None if grad_c is None else grad_c.to(c_dtype))
 
 
 def diagonal_sums(x, i0):

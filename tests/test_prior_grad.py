@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import engines
-from attention import BAM, AttentionArgs, ScaleInvariant, make_score_mod, prior_score, ssmax_factor
+from attention import BAM, AttentionArgs, ScaleInvariant, distance, make_score_mod, prior_score, ssmax_factor
 from engines import prior_grad
 from engines.diagonal import diagonal_attention
 from engines.flex import flex_block_mask
@@ -48,6 +48,25 @@ class Centred(nn.Module):
         return {"prior": -self.log_a.exp()[:, None] * (t - self.centre[:, None]) ** 2}
 
 
+class Gain(nn.Module):
+    """An affine prior that trains both tables: a_h(t) = 1 + exp(g_h) log(1 + t) / 4, f_h(t) = -m_h t."""
+    additive, affine = False, True
+
+    def __init__(self, config):
+        super().__init__()
+        self.log_gain = nn.Parameter(torch.linspace(-0.3, 0.3, config.n_head))
+        self.slope = nn.Parameter(torch.linspace(0.05, 0.2, config.n_head))
+
+    def forward(self, n, device):
+        t = torch.arange(n, device=device, dtype=self.slope.dtype)
+        return {"a": 1 + self.log_gain.exp()[:, None] * torch.log1p(t) / 4, "m": -self.slope[:, None] * t}
+
+    @staticmethod
+    def score(s, b, h, q, kv, tables):
+        t = distance(q, kv)
+        return s * tables["a"][h, t] + tables["m"][h, t]
+
+
 class SharedWidth(Cauchy):
     """One width for all heads: not per head, so the route does not apply."""
     def __init__(self, config):
@@ -74,7 +93,7 @@ def make_variant(name):
         with torch.no_grad():  # local heads and retrieval heads (beta < 0); beta = 0.1 makes P_ii large
             var.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]))
         return var.double()
-    return {"cauchy": Cauchy, "centred": Centred}[name](config).double()
+    return {"cauchy": Cauchy, "centred": Centred, "scaleinv": ScaleInvariant, "gain": Gain}[name](config).double()
 
 
 def gradients(var, T, doc, exact, seed=0):
@@ -262,23 +281,26 @@ def test_a_forward_without_targets_under_autograd_places_the_last_layers_queries
 # engines/diagonal.py: sdpa's fused CPU kernel, the bias's gradient summed along its diagonals
 
 def diagonal_gradients(var, T, doc, diagonal, use_ssmax):
-    """Output and gradients of (q, k, v, the variant's parameters[, the SSMax scale]) on sdpa, through
-    engines/diagonal.py or autograd through the bias."""
+    """Output and gradients of (q, k, v, the variant's parameters[, the SSMax scale]) through
+    engines/diagonal.py, or autograd through sdpa's bias (chunked's logits for an affine prior: sdpa
+    computes those in float32)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
     scale = torch.linspace(0.8, 1.5, H, dtype=torch.float64, requires_grad=True)
     c = ssmax_factor(scale, B, T, 0, doc) if use_ssmax else None
-    y = attend(q, k, v, AttentionArgs(var, var(T, "cpu"), doc=doc, engine="sdpa", diagonal=diagonal), ssmax=c)
+    engine = "sdpa" if diagonal or var.additive else "chunked"
+    y = attend(q, k, v, AttentionArgs(var, var(T, "cpu"), doc=doc, engine=engine, diagonal=diagonal), ssmax=c)
     leaves = [q, k, v, *var.parameters()] + [scale] * use_ssmax
     return [y] + list(torch.autograd.grad((y * torch.cos(3 * y)).sum(), leaves))
 
 
-@pytest.mark.parametrize("name", ["bam", "cauchy", "centred"])
+@pytest.mark.parametrize("name", ["bam", "cauchy", "centred", "scaleinv", "gain"])
 @pytest.mark.parametrize("use_doc", [False, True])
 @pytest.mark.parametrize("T, use_ssmax", [(1, True), (37, True), (37, False), (130, True), (1024, True), (1024, False)])
 def test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, T, use_ssmax):
-    """Any additive prior (a centre that moves too), with and without SSMax and documents, over one
-    query tile (37), a tile and a remainder (130) and eight tiles (1024)."""
+    """Any additive prior (a centre that moves too) and affine ones (scaleinv's fixed a S + m, and one
+    that trains both tables), with and without SSMax and documents, over one query tile (37), tiles
+    and a remainder (130) and sixteen tiles (1024)."""
     var = make_variant(name)
     doc = documents(T, use_doc)
     want, got = (diagonal_gradients(var, T, doc, diagonal, use_ssmax) for diagonal in (False, True))
@@ -290,10 +312,12 @@ def test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_d
         assert all(g.abs().min() > 0 for g in want[4:])
 
 
-def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch):
-    """GPT on a CPU (sdpa, bam + SSMax, documents) trains through engines/diagonal.py by default, in
-    every layer, with the loss and gradients of autograd through the bias (--prior-grad table); never
-    in evaluation."""
+@pytest.mark.parametrize("name", ["bam", "scaleinv"])
+def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch, name):
+    """GPT on a CPU (sdpa, documents; bam with SSMax, scaleinv with p-RoPE) trains through
+    engines/diagonal.py by default, in every layer, with the loss and gradients of autograd through
+    sdpa's bias (bam, --prior-grad table) or chunked's logits (scaleinv: sdpa computes them in
+    float32); never in evaluation."""
     import model as model_module
     calls = []
     monkeypatch.setattr(model_module, "diagonal_attention", lambda *a: calls.append(1) or diagonal_attention(*a))
@@ -303,8 +327,9 @@ def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch):
     grads = []
     for prior_grad in ("auto", "table"):
         torch.manual_seed(0)
-        model = GPT(GPTConfig(attention="bam", n_layer=3, n_head=H, n_embd=H * D, vocab_size=64,
-                              prior_grad=prior_grad)).double()
+        reference = "sdpa" if name == "bam" else "chunked"
+        model = GPT(GPTConfig(attention=name, n_layer=3, n_head=H, n_embd=H * D, vocab_size=64, prior_grad=prior_grad,
+                              engine="auto" if prior_grad == "auto" else reference)).double()
         loss = model(idx, idx, doc=doc)[1]
         loss.backward()
         grads.append([loss] + [p.grad for p in model.parameters()])

@@ -7,15 +7,18 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
           positions, LayerNorm and biases, plain causal attention) of the same size on the same data,
           to NoPE with SSMax and NoPE without the previous-token path (what those cost), and to bam
           with --prior-grad table (autograd through the T x T bias, the route before engines/diagonal.py)
+  profile where one training step's time goes, per model of the train section (not run by default):
+          torch.profiler's operators by their own CPU time, the largest of them
   long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
           variant: before (chunked_attention, the tiles autograd uses, every layer's every query) and
           now (the inference tiles, the last layer's queries from the answer on); seconds, and the
           attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
 
-    python tools/bench_cpu.py                       # everything, 10-15 minutes on 2 cores (T = 1024 most of it)
+    python tools/bench_cpu.py                       # matmul, train and long: 10-15 minutes on 2 cores (T = 1024 most of it)
     python tools/bench_cpu.py --lengths 128,384     # training at the shorter lengths only, about a minute
     python tools/bench_cpu.py --sections train --compile   # training with every model compiled, as nanoGPT does
     python tools/bench_cpu.py --sections long --variants bam --out bench_cpu.json
+    python tools/bench_cpu.py --sections profile --variants bam --lengths 384,1024
 """
 import os
 import statistics
@@ -34,7 +37,7 @@ from common.checkpoint import save_json
 from common.settings import Parser, comma_ints, comma_list, flag_type, output_file, run_main
 from model import GPT, GPTConfig
 
-SECTIONS = ("matmul", "train", "long")
+SECTIONS = ("matmul", "train", "long", "profile")
 MAIN_JOB = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=320)  # train.py's defaults, as ./run.sh trains
 BATCH = 16
 
@@ -82,45 +85,73 @@ class NanoGPTShaped(nn.Module):
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def batch_at(T):
+    data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
+    return data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+
+def models_to_train(args, T):
+    """(name, model, optimizer) of every row of the train section at length T."""
+    rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
+        ("nope + SSMax", dict(attention="nope", ssmax=True)),
+        ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))] + [
+        ("bam, --prior-grad table", dict(attention="bam", prior_grad="table"))] * ("bam" in args.variants)
+    models = []
+    for name, overrides in rows:
+        torch.manual_seed(0)
+        model = (NanoGPTShaped(block_size=T, **MAIN_JOB) if overrides is None else
+                 GPT(GPTConfig(block_size=T, **MAIN_JOB, **({"attention": name} | overrides))))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+        models.append((name, torch.compile(model) if args.compile else model, optimizer))
+    return models
+
+
+def train_step(model, optimizer, x, y):
+    _, loss = model(x, y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train_section(args, results):
     """Every model's step timed in turn, round after round, so that they share the machine's drift."""
     print(f"\n== train: batch {BATCH}, one AdamW step (fwd + bwd + update), {args.steps} rounds of one step per "
           f"model in turn after 2 warmup{', every model torch.compiled' if args.compile else ''}; median tokens/s "
           f"and the ratio to the nanoGPT-shaped model")
-    rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
-        ("nope + SSMax", dict(attention="nope", ssmax=True)),
-        ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))] + [
-        ("bam, --prior-grad table", dict(attention="bam", prior_grad="table"))] * ("bam" in args.variants)
     torch._dynamo.config.recompile_limit = 64  # every model is another specialization of the same forward
     for T in args.lengths:
-        data = torch.randint(MAIN_JOB["vocab_size"], (BATCH, T + 1))
-        x, y = data[:, :-1].contiguous(), data[:, 1:].contiguous()
-        steps = []
-        for name, overrides in rows:
-            torch.manual_seed(0)
-            model = (NanoGPTShaped(block_size=T, **MAIN_JOB) if overrides is None else
-                     GPT(GPTConfig(block_size=T, **MAIN_JOB, **({"attention": name} | overrides))))
-            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-            steps.append((torch.compile(model) if args.compile else model, optimizer))
-
-        def step(model, optimizer):
-            _, loss = model(x, y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        times = [[] for _ in rows]
+        x, y = batch_at(T)
+        models = models_to_train(args, T)
+        times = [[] for _ in models]
         for round in range(2 + args.steps):
-            for i, (model, optimizer) in enumerate(steps):
+            for i, (_, model, optimizer) in enumerate(models):
                 t0 = time.perf_counter()
-                step(model, optimizer)
+                train_step(model, optimizer, x, y)
                 if round >= 2:
                     times[i].append(time.perf_counter() - t0)
         base = BATCH * T / statistics.median(times[0])
-        for (name, _), seconds in zip(rows, times):
+        for (name, _, _), seconds in zip(models, times):
             tokens_per_s = BATCH * T / statistics.median(seconds)
             results["train"].append(dict(model=name, T=T, tokens_per_s=tokens_per_s, vs_nanogpt=tokens_per_s / base))
             print(f"T={T:<4} {name:26} {tokens_per_s / 1e3:8.1f}K tok/s {tokens_per_s / base:6.2f}x", flush=True)
+
+
+def profile_section(args, results):
+    """Where one training step of every model goes: torch.profiler's operators by their own CPU time."""
+    print(f"\n== profile: one training step of every model (batch {BATCH}) after 2 warmup; the operators' own CPU "
+          f"time, in ms: all of them, then the {args.top} largest")
+    for T in args.lengths:
+        x, y = batch_at(T)
+        for name, model, optimizer in models_to_train(args, T):
+            for _ in range(2):
+                train_step(model, optimizer, x, y)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                train_step(model, optimizer, x, y)
+            ops = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+            top = sorted(ops.items(), key=lambda op: -op[1])[:args.top]
+            results["profile"].append(dict(model=name, T=T, total_ms=sum(ops.values()), top_ms=dict(top)))
+            print(f"T={T:<4} {name:26} {sum(ops.values()):7.0f}: " + ", ".join(f"{op} {ms:.0f}" for op, ms in top),
+                  flush=True)
 
 
 def attention_flops(config, T, queries_in_last_layer):
@@ -156,8 +187,9 @@ def long_section(args, results, matmul):
 
 def main(argv=None):
     p = Parser(prog="tools/bench_cpu.py", description=__doc__)
-    p.add_argument("--sections", type=comma_list(SECTIONS), default=list(SECTIONS),
-                   help="comma list of sections: matmul, train, long (default all; long and train print the matmul rate too)")
+    p.add_argument("--sections", type=comma_list(SECTIONS), default=["matmul", "train", "long"],
+                   help="comma list of sections: matmul, train, long, profile (default matmul,train,long; every "
+                        "section prints the matmul rate too)")
     p.add_argument("--variants", type=comma_list(VARIANTS), default=list(VARIANTS),
                    help=f"comma list of positional variants (default all: {', '.join(VARIANTS)})")
     p.add_argument("--lengths", type=comma_ints("[1, inf)"), default=[128, 384, 1024],
@@ -167,15 +199,19 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true",
                    help="train: torch.compile every model, the nanoGPT-shaped one too (nanoGPT's default; needs a C++ "
                         "compiler, and about 10-20 s per model on 2 cores)")
+    p.add_argument("--top", type=flag_type(int, "[1, inf)"), default=8,
+                   help="profile: how many of the largest operators to print per model (default 8)")
     p.add_argument("--out", type=output_file, help="also write every number to this JSON file")
     args = p.parse_args(argv)
     matmul = matmul_gflops()
-    results = {"threads": torch.get_num_threads(), "compile": args.compile, "matmul_gflops": matmul, "train": [], "long": []}
+    results = {"threads": torch.get_num_threads(), "compile": args.compile, "matmul_gflops": matmul, "train": [], "long": [], "profile": []}
     print(f"== matmul: float32 1024 x 1024, {torch.get_num_threads()} threads: {matmul:.0f} GFLOP/s")
     if "train" in args.sections:
         train_section(args, results)
     if "long" in args.sections:
         long_section(args, results, matmul)
+    if "profile" in args.sections:
+        profile_section(args, results)
     results["matmul_gflops_after"] = matmul_gflops()  # the machine may have changed pace during the run
     print(f"\nmatmul again at the end: {results['matmul_gflops_after']:.0f} GFLOP/s")
     if args.out:
