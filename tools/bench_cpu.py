@@ -5,8 +5,9 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
   train   one AdamW training step, batch 16, of the main job's model (4 layers, 4 heads, 128 wide) for
           every variant, at T = 128 (the main job), 384 and 1024, next to a nanoGPT-shaped model (learned
           positions, LayerNorm and biases, plain causal attention) of the same size on the same data,
-          to NoPE with SSMax and NoPE without the previous-token path (what those cost), and to bam
-          with --prior-grad table (autograd through the T x T bias, the route before engines/diagonal.py)
+          to NoPE with SSMax and NoPE without the previous-token path (what those cost), and to bam and
+          scaleinv with --prior-grad table (autograd through the T x T bias or logits: the route before
+          engines/diagonal.py)
   profile where one training step's time goes, per model of the train section (not run by default):
           torch.profiler's operators by their own CPU time, the largest of them
   long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
@@ -95,7 +96,8 @@ def models_to_train(args, T):
     rows = [("nanoGPT-shaped", None)] + [(v, {}) for v in args.variants] + [
         ("nope + SSMax", dict(attention="nope", ssmax=True)),
         ("nope, no prev-token path", dict(attention="nope", prev_tokens=0, key_offset=False))] + [
-        ("bam, --prior-grad table", dict(attention="bam", prior_grad="table"))] * ("bam" in args.variants)
+        (f"{v}, --prior-grad table", dict(attention=v, prior_grad="table")) for v in ("bam", "scaleinv")
+        if v in args.variants]
     models = []
     for name, overrides in rows:
         torch.manual_seed(0)
