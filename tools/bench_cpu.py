@@ -135,7 +135,7 @@ def train_section(args, results):
         for (name, _, _), seconds in zip(models, times):
             tokens_per_s = BATCH * T / statistics.median(seconds)
             results["train"].append(dict(model=name, T=T, tokens_per_s=tokens_per_s, vs_nanogpt=tokens_per_s / base))
-            print(f"T={T:<4} {name:26} {tokens_per_s / 1e3:8.1f}K tok/s {tokens_per_s / base:6.2f}x", flush=True)
+            print(f"T={T:<4} {name:30} {tokens_per_s / 1e3:8.1f}K tok/s {tokens_per_s / base:6.2f}x", flush=True)
 
 
 def profile_section(args, results):
@@ -152,7 +152,7 @@ def profile_section(args, results):
             ops = {e.key.removeprefix("aten::"): e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
             top = sorted(ops.items(), key=lambda op: -op[1])[:args.top]
             results["profile"].append(dict(model=name, T=T, total_ms=sum(ops.values()), top_ms=dict(top)))
-            print(f"T={T:<4} {name:26} {sum(ops.values()):7.0f}: " + ", ".join(f"{op} {ms:.0f}" for op, ms in top),
+            print(f"T={T:<4} {name:30} {sum(ops.values()):7.0f}: " + ", ".join(f"{op} {ms:.0f}" for op, ms in top),
                   flush=True)
 
 
