@@ -264,8 +264,8 @@ class AttentionArgs:
     (model.GPT.attention_args): the variant and its tables, the document ids (B, Tk) or None, the
     engine, the chunked engine's tile size, flex's block mask (None: attend builds it), when
     engines/prior_grad.py's exact route trains the prior its derivative tables, and whether sdpa on a
-    CPU runs an additive prior on its fused kernel, the bias's gradient summed along its diagonals
-    (engines/diagonal.py; else autograd through the T x T bias)."""
+    CPU runs the prior through engines/diagonal.py (an additive one on the fused kernel, an affine one
+    over tiles; the bias's gradient summed along its diagonals; else autograd through T x T logits)."""
     variant: nn.Module
     tables: dict
     doc: torch.Tensor | None = None
