@@ -21,10 +21,11 @@ from attention import allowed, index_grids
 
 def softmax_step(m, l, acc, logits, values):
     """One key block of an online softmax: the running max m and sum l of exp(logits - m), and
-    acc = sum of exp(logits - m) values, updated with this block."""
+    acc = sum of exp(logits - m) values, updated with this block. Without autograd the logits are
+    overwritten."""
     m_new = torch.maximum(m, logits.amax(dim=-1, keepdim=True))
     m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-    p = torch.exp(logits - m_safe)
+    p = (logits - m_safe if torch.is_grad_enabled() else logits.sub_(m_safe)).exp_()
     correction = torch.exp(m - m_safe)
     return m_new, l * correction + p.sum(dim=-1, keepdim=True), acc * correction + p @ values
 
@@ -117,8 +118,11 @@ def toeplitz_attention(q, k, v, prior, scale, ssmax, doc, q_offset, block):
         l, acc = torch.zeros_like(m), q.new_zeros(B, H, qe - qs, D)
         for ks in range(0, n_keys - lo, block):
             cols = slice(ks, min(ks + block, n_keys - lo))
-            logits = (q_tile @ keys[:, :, cols].transpose(-1, -2)).mul_(view(ext_scale)[..., cols])
-            bias = fill(bias_buffer[:, :, :qe - qs, :cols.stop - ks], cols)
-            m, l, acc = softmax_step(m, l, acc, logits.add_(bias), values[:, :, cols])
+            logits = q_tile @ keys[:, :, cols].transpose(-1, -2)
+            # bias + a S in one pass over the tile (without SSMax and documents the bias is a view)
+            bias = view(plain_bias)[..., cols] if c is None and doc is None else fill(
+                bias_buffer[:, :, :qe - qs, :cols.stop - ks], cols)
+            torch.addcmul(bias, logits, view(ext_scale)[..., cols], out=logits)
+            m, l, acc = softmax_step(m, l, acc, logits, values[:, :, cols])
         out.append(acc / l)
     return torch.cat(out, dim=2)

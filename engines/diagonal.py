@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from attention import allowed, distance, index_grids
+from attention import allowed, index_grids
+from engines.chunked import hankel
 
 LOG2E = 1 / math.log(2)
 TILE = 64  # query rows per tile of the backward: its P and G are B x H x 64 x (keys the tile sees)
@@ -43,14 +44,20 @@ def diagonal_attention(q, k, v, f, a, ssmax, doc, tile=TILE):
     prior's tables, with the gradients of its parameters (a None for an additive prior: 1), ssmax c
     (B, H, T) or None."""
     B, H, T, _ = q.shape
-    b, h, qi, ki = index_grids(B, H, (0, T), (0, T), q.device, doc)
-    t = distance(qi, ki)
-    f_grid = f.detach()[h, t]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
-    a_grid = None if a is None else a.detach()[h, t][0]
+    f_grid = distance_grid(f.detach(), 0.0)[None]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
+    a_grid = None if a is None else distance_grid(a.detach(), 0.0)
     c = None if ssmax is None else ssmax.detach()[:1 if doc is None else B, :, :, None]
-    bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
+    if doc is None:  # causal: -inf above the diagonal
+        causal = distance_grid(f.new_zeros(H, T), float("-inf"))[None]
+        bias = causal.add_(f_grid) if c is None else torch.addcmul(causal, f_grid, c)
+    else:
+        b, h, qi, ki = index_grids(B, H, (0, T), (0, T), q.device, doc)
+        bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
     if ssmax is not None:  # c (a S + f) = a (c q).k / sqrt(d) + f c: c folded into q, its S part through here
         q = q * ssmax[..., None].to(q.dtype)
+    if a is None and not f.requires_grad and (ssmax is None or not ssmax.requires_grad):
+        # a bias that nothing trains (ALiBi): the kernel's own backward, for q, k and v only
+        return fused_attention(q, k, v, bias)[0]
     return PriorAttention.apply(q, k, v, bias, f_grid[0], a_grid, f, a, ssmax, tile)
 
 
@@ -142,6 +149,15 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
     return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype),
             *(None if x is None else x.to(f_grid.dtype) for x in (grad_f, grad_a)),
             None if grad_c is None else grad_c.to(c_dtype))
+
+
+def distance_grid(table, fill):
+    """(H, T, T) grid g[h, i, j] = table[h, i - j] for j <= i, `fill` above the diagonal, from a (H, T)
+    table: the reversed table with T - 1 fills behind it is a Hankel matrix's one row (chunked.hankel),
+    whose rows, flipped, give the grid. No index grid, no gather."""
+    H, T = table.shape
+    row = torch.cat([table.flip(-1), table.new_full((H, T - 1), fill)], dim=-1)
+    return hankel(row, T, T).flip(-2)
 
 
 def diagonal_sums(x, i0):

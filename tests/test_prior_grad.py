@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import engines
-from attention import BAM, AttentionArgs, ScaleInvariant, distance, make_score_mod, prior_score, ssmax_factor
+from attention import BAM, ALiBi, AttentionArgs, ScaleInvariant, distance, make_score_mod, prior_score, ssmax_factor
 from engines import prior_grad
 from engines.diagonal import diagonal_attention
 from engines.flex import flex_block_mask
@@ -93,7 +93,8 @@ def make_variant(name):
         with torch.no_grad():  # local heads and retrieval heads (beta < 0); beta = 0.1 makes P_ii large
             var.theta_beta.copy_(torch.tensor([1.3, -0.7, 0.1, 2.0]))
         return var.double()
-    return {"cauchy": Cauchy, "centred": Centred, "scaleinv": ScaleInvariant, "gain": Gain}[name](config).double()
+    return {"alibi": ALiBi, "cauchy": Cauchy, "centred": Centred, "scaleinv": ScaleInvariant, "gain": Gain}[name](
+        config).double()
 
 
 def gradients(var, T, doc, exact, seed=0):
@@ -294,11 +295,12 @@ def diagonal_gradients(var, T, doc, diagonal, use_ssmax):
     return [y] + list(torch.autograd.grad((y * torch.cos(3 * y)).sum(), leaves))
 
 
-@pytest.mark.parametrize("name", ["bam", "cauchy", "centred", "scaleinv", "gain"])
+@pytest.mark.parametrize("name", ["bam", "alibi", "cauchy", "centred", "scaleinv", "gain"])
 @pytest.mark.parametrize("use_doc", [False, True])
 @pytest.mark.parametrize("T, use_ssmax", [(1, True), (37, True), (37, False), (130, True), (1024, True), (1024, False)])
 def test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, T, use_ssmax):
-    """Any additive prior (a centre that moves too) and affine ones (scaleinv's fixed a S + m, and one
+    """Any additive prior (a centre that moves too; ALiBi, which nothing trains, on the kernel's own backward
+    without SSMax) and affine ones (scaleinv's fixed a S + m, and one
     that trains both tables), with and without SSMax and documents, over one query tile (37), tiles
     and a remainder (130) and sixteen tiles (1024)."""
     var = make_variant(name)
