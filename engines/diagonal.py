@@ -27,7 +27,6 @@ import math
 import torch
 
 from attention import allowed, index_grids
-from engines.chunked import hankel
 
 LOG2E = 1 / math.log(2)
 TILE = 64  # query rows per tile of the backward: its P and G are B x H x 64 x (keys the tile sees)
@@ -153,11 +152,11 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
 
 def distance_grid(table, fill):
     """(H, T, T) grid g[h, i, j] = table[h, i - j] for j <= i, `fill` above the diagonal, from a (H, T)
-    table: the reversed table with T - 1 fills behind it is a Hankel matrix's one row (chunked.hankel),
-    whose rows, flipped, give the grid. No index grid, no gather."""
+    table: the reversed table with T - 1 fills behind it, viewed with strides (1, 1) as a Hankel matrix
+    (row r starts one entry after row r - 1), gives the grid with its rows flipped. No index grid, no gather."""
     H, T = table.shape
-    row = torch.cat([table.flip(-1), table.new_full((H, T - 1), fill)], dim=-1)
-    return hankel(row, T, T).flip(-2)
+    row = torch.cat([table.flip(-1), table.new_full((H, T - 1), fill)], dim=-1)  # (H, 2T - 1), contiguous
+    return row.as_strided((H, T, T), (2 * T - 1, 1, 1)).flip(-2)
 
 
 def diagonal_sums(x, i0):
