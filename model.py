@@ -277,9 +277,7 @@ class GPT(nn.Module):
         block_mask = engines.flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
         exact = self.exact_prior_grad and not inference and n_keys == T and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
-        # an affine prior (scaleinv) has no fused kernel: its tiles beat sdpa's one pass from 3 tiles on (T = 128
-        # has 2: 0.81x against 0.87x of the nanoGPT-shaped step, docs/performance.md)
-        prior = self.positional[0]
+        prior = self.positional[0]  # affine (scaleinv): no fused kernel, tiles only from 3 on (docs/performance.md)
         diagonal = (c.prior_grad != "table" and engine == "sdpa" and device.type == "cpu" and not inference
                     and n_keys == T and (prior.additive or getattr(prior, "affine", False) and T > 2 * DIAGONAL_TILE))
         shared = []
