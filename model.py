@@ -20,7 +20,7 @@ from attention import (ENGINES, VARIANTS, AttentionArgs, affine_tables, apply_ro
                        contract_problem, fitted_rope_fraction, make_score_mod, plain_attention, positions_in_document,
                        rotary_frequencies, sdpa_attention, ssmax_factor)
 from common.settings import check_fields, param
-from engines.diagonal import TILE as DIAGONAL_TILE, diagonal_attention
+from engines.diagonal import diagonal_attention
 
 ROPE_MODES = ("none", "full", "partial")
 PRIOR_GRADS = ("auto", "passes", "table")
@@ -277,9 +277,9 @@ class GPT(nn.Module):
         block_mask = engines.flex_block_mask(B, T, n_keys, n_keys - T, doc, device) if engine == "flex" else None
         exact = self.exact_prior_grad and not inference and n_keys == T and (
             engine == "flex" or engine == "chunked" and c.prior_grad == "passes")
-        prior = self.positional[0]  # affine (scaleinv): no fused kernel, tiles only from 3 on (docs/performance.md)
+        prior = self.positional[0]
         diagonal = (c.prior_grad != "table" and engine == "sdpa" and device.type == "cpu" and not inference
-                    and n_keys == T and (prior.additive or getattr(prior, "affine", False) and T > 2 * DIAGONAL_TILE))
+                    and n_keys == T and (prior.additive or getattr(prior, "affine", False)))
         shared = []
         for p in self.positional:
             tables = p(n_keys, device)

@@ -29,6 +29,7 @@ import torch
 from attention import allowed, index_grids
 
 LOG2E = 1 / math.log(2)
+CACHED = 2 ** 20  # entries of a tile (batch rows x heads x query rows x keys): 4 MB in float32
 TILE = 64  # query rows per tile of the backward: its P and G are B x H x 64 x (keys the tile sees)
 
 
@@ -92,12 +93,14 @@ def affine_attention(q, k, v, a_grid, bias, tile):
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)
-        x = (q2[:, :, rows] @ k[:, :, keys].transpose(-1, -2)).mul_(a_grid[:, rows, keys]).add_(bias2[:, :, rows, keys])
-        top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
-        p = x.sub_(top).exp2_()
-        total = p.sum(-1, keepdim=True)
-        out[:, :, rows] = (p @ v[:, :, keys]).div_(total)
-        lse[:, :, rows] = (top + total.log2()).squeeze(-1) / LOG2E
+        for b in batch_slices(B, H * (i1 - i0) * i1):
+            cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the whole batch without documents
+            x = torch.addcmul(bias2[cb, :, rows, keys], q2[b, :, rows] @ k[b, :, keys].transpose(-1, -2), a_grid[:, rows, keys])
+            top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
+            p = x.sub_(top).exp2_()
+            total = p.sum(-1, keepdim=True)
+            out[b, :, rows] = (p @ v[b, :, keys]).div_(total)
+            lse[b, :, rows] = (top + total.log2()).squeeze(-1) / LOG2E
     return out.to(q.dtype), lse
 
 
@@ -113,11 +116,12 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
     d_row = (d_out * out.to(dtype)).sum(-1, keepdim=True)  # D_i
     # one more column: (q, -lse) . (k, 1) = S - lse and (dO, -D) . (v, 1) = dO . v - D, in base 2 for exp2
     lse2 = LOG2E * lse.to(dtype)[..., None]
-    q_ext = torch.cat([q * (LOG2E * scale), -lse2], dim=-1)
-    k_ext, v_ext = torch.cat([k, ones], dim=-1), torch.cat([v, ones], dim=-1)
-    d_ext = torch.cat([d_out, -d_row], dim=-1)
+    v_ext, d_ext = torch.cat([v, ones], dim=-1), torch.cat([d_out, -d_row], dim=-1)
+    if a_grid is None:
+        q_ext, k_ext = torch.cat([q * (LOG2E * scale), -lse2], dim=-1), torch.cat([k, ones], dim=-1)
+    else:  # a S: S alone, in base 2
+        q2_scaled, a_grid = q * (LOG2E * scale), a_grid.to(dtype)
     bias2 = bias.to(dtype) * LOG2E
-    a_grid = None if a_grid is None else a_grid.to(dtype)
     q_scaled, k_scaled = q * scale, k * scale  # dS/dq = k / sqrt(d), dS/dk = q / sqrt(d)
     one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
     c_dtype, c = (None, None) if c is None else (c.dtype, c.to(dtype))
@@ -127,27 +131,41 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)  # a query tile sees keys 0 .. i1 - 1
-        if a_grid is None:
-            p = (q_ext[:, :, rows] @ k_ext[:, :, keys].transpose(-1, -2)).add_(bias2[:, :, rows, keys]).exp2_()
-        else:  # L = a S + bias: S itself is kept for a's gradient
-            s = q_scaled[:, :, rows] @ k[:, :, keys].transpose(-1, -2)
-            p = (s * (LOG2E * a_grid[:, rows, keys])).add_(bias2[:, :, rows, keys]).sub_(lse2[:, :, rows]).exp2_()
-        g = (d_ext[:, :, rows] @ v_ext[:, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (B, H, R, K)
-        g_s = g if a_grid is None else g * a_grid[:, rows, keys]  # dLoss/dS = G a
-        dv[:, :, keys] += p.transpose(-1, -2) @ d_out[:, :, rows]
-        dq[:, :, rows] = g_s @ k_scaled[:, :, keys]
-        dk[:, :, keys] += g_s.transpose(-1, -2) @ q_scaled[:, :, rows]
-        if grad_c is not None:
-            grad_c[:, :, rows] = torch.einsum("bhrk,hrk->bhr", g, f_grid[:, rows, keys].to(dtype))
-        if grad_f is not None:  # sum over the batch of c_i G_ij: without documents c_i is the same in every row
-            summed = (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
-                      torch.einsum("bhrk,bhr->hrk", g, c[:, :, rows]))
-            grad_f[:, :i1] += diagonal_sums(summed, i0)
-        if grad_a is not None:  # dLoss/da_ij = G_ij (c q_i).k_j / sqrt(d)
-            grad_a[:, :i1] += diagonal_sums((g * s).sum(0), i0)
+        summed_f = summed_a = 0  # the tile's c G and G S summed over the batch, (H, R, K)
+        for b in batch_slices(B, H * (i1 - i0) * i1):
+            cb = slice(None) if one_c else b
+            if a_grid is None:
+                p = (q_ext[b, :, rows] @ k_ext[b, :, keys].transpose(-1, -2)).add_(bias2[cb, :, rows, keys]).exp2_()
+            else:  # L = a S + bias: S itself is kept for a's gradient
+                s = q2_scaled[b, :, rows] @ k[b, :, keys].transpose(-1, -2)
+                p = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys]).sub_(lse2[b, :, rows]).exp2_()
+            g = (d_ext[b, :, rows] @ v_ext[b, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (b, H, R, K)
+            # dLoss/dS = G a (in place when nothing else needs G)
+            g_s = g if a_grid is None else g * a_grid[:, rows, keys] if any(wanted) else g.mul_(a_grid[:, rows, keys])
+            dv[b, :, keys] += p.transpose(-1, -2) @ d_out[b, :, rows]
+            dq[b, :, rows] = g_s @ k_scaled[b, :, keys]
+            dk[b, :, keys] += g_s.transpose(-1, -2) @ q_scaled[b, :, rows]
+            if grad_c is not None:
+                grad_c[b, :, rows] = (g * f_grid[:, rows, keys].to(dtype)).sum(-1)
+            if grad_f is not None:  # without documents c_i is the same in every batch row
+                summed_f = summed_f + (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
+                                       torch.einsum("bhrk,bhr->hrk", g, c[b, :, rows]))
+            if grad_a is not None:  # dLoss/da_ij = G_ij (c q_i).k_j / sqrt(d), S here in base 2
+                summed_a = summed_a + (g * s).sum(0) / LOG2E
+        if grad_f is not None:
+            grad_f[:, :i1] += diagonal_sums(summed_f, i0)
+        if grad_a is not None:
+            grad_a[:, :i1] += diagonal_sums(summed_a, i0)
     return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype),
             *(None if x is None else x.to(f_grid.dtype) for x in (grad_f, grad_a)),
             None if grad_c is None else grad_c.to(c_dtype))
+
+
+def batch_slices(B, per_row):
+    """Slices of the batch whose tiles (`per_row` entries per batch row) hold about CACHED entries: the
+    tile's elementwise passes then run in the CPU's cache, not from memory."""
+    n = max(1, CACHED // per_row)
+    return [slice(b, min(b + n, B)) for b in range(0, B, n)]
 
 
 def distance_grid(table, fill):

@@ -314,6 +314,15 @@ def test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_d
         assert all(g.abs().min() > 0 for g in want[4:])
 
 
+@pytest.mark.parametrize("name", ["bam", "scaleinv", "gain"])
+@pytest.mark.parametrize("use_doc", [False, True])
+def test_diagonal_route_over_batch_slices(monkeypatch, name, use_doc):
+    """Tiles too large for the cache run one batch row at a time: the same gradients."""
+    import engines.diagonal
+    monkeypatch.setattr(engines.diagonal, "CACHED", 1)
+    test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, 130, True)
+
+
 @pytest.mark.parametrize("name", ["bam", "scaleinv"])
 def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch, name):
     """GPT on a CPU (sdpa, documents; bam with SSMax, scaleinv with p-RoPE) trains through

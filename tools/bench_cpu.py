@@ -12,8 +12,9 @@ The CPU figures of the main job (./run.sh), side by side in one run, because CPU
           torch.profiler's operators by their own CPU time, the largest of them
   long    one 64x passkey prompt (8192 tokens, answer logits only) of the main job's model per
           variant: before (chunked_attention, the tiles autograd uses, every layer's every query) and
-          now (the inference tiles, the last layer's queries from the answer on); seconds, and the
-          attention's GFLOP/s (of the queries computed) as a fraction of the matmul rate
+          now (the inference tiles, the last layer's queries from the answer on), every variant in turn,
+          round after round; seconds, the ratio to nope's, and the attention's GFLOP/s (of the queries
+          computed) as a fraction of the matmul rate
 
     python tools/bench_cpu.py                       # matmul, train and long: 10-15 minutes on 2 cores (T = 1024 most of it)
     python tools/bench_cpu.py --lengths 128,384     # training at the shorter lengths only, about a minute
@@ -165,26 +166,34 @@ def attention_flops(config, T, queries_in_last_layer):
 
 
 def long_section(args, results, matmul):
+    """Every variant's prompt timed in turn, round after round, as in the train section."""
     T, answer = 64 * 128, 6  # the main job's 64x; logits at the last 6 positions, as a 5-digit key
-    print(f"\n== long: one 64x passkey-length prompt ({T} tokens), the main job's model, answer logits; "
-          f"seconds and attention GFLOP/s (fraction of the matmul's {matmul:.0f})")
-    print(f"{'variant':10} {'before s':>9} {'now s':>8} {'speedup':>8} {'GFLOP/s':>8} {'of matmul':>10}")
-    for v in args.variants:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(attention=v, block_size=128, engine="chunked", **MAIN_JOB)).eval()
-        idx, positions = torch.randint(MAIN_JOB["vocab_size"], (1, T)), torch.arange(T - answer, T)
-
-        def before():  # the tiles autograd uses, every query of every layer
-            with mock.patch.object(engines, "affine_tables", lambda *a: None):
-                model.lm_head(model.hidden_states(idx)[:, positions])
-
-        with torch.no_grad():
-            old = median_seconds(before, 0, 1)
-            now = median_seconds(lambda: model(idx, logits_at=positions), 1, 3)
+    print(f"\n== long: one 64x passkey-length prompt ({T} tokens), the main job's model, answer logits, {args.steps} "
+          f"rounds of one prompt per variant in turn after 1 warmup; median seconds, the ratio to nope's, and attention "
+          f"GFLOP/s (fraction of the matmul's {matmul:.0f})")
+    print(f"{'variant':10} {'before s':>9} {'now s':>8} {'speedup':>8} {'vs nope':>8} {'GFLOP/s':>8} {'of matmul':>10}")
+    idx, positions = torch.randint(MAIN_JOB["vocab_size"], (1, T)), torch.arange(T - answer, T)
+    models, before, times = {}, {}, {v: [] for v in args.variants}
+    with torch.no_grad():
+        for v in args.variants:
+            torch.manual_seed(0)
+            models[v] = model = GPT(GPTConfig(attention=v, block_size=128, engine="chunked", **MAIN_JOB)).eval()
+            with mock.patch.object(engines, "affine_tables", lambda *a: None):  # the tiles autograd uses, every query
+                before[v] = median_seconds(lambda: model.lm_head(model.hidden_states(idx)[:, positions]), 0, 1)
+        for round in range(1 + args.steps):
+            for v, model in models.items():
+                t0 = time.perf_counter()
+                model(idx, logits_at=positions)
+                if round:
+                    times[v].append(time.perf_counter() - t0)
+    for v, model in models.items():
+        now = statistics.median(times[v])
+        vs_nope = now / statistics.median(times["nope"]) if "nope" in times else float("nan")
         gflops = attention_flops(model.config, T, answer) / now / 1e9
-        results["long"].append(dict(variant=v, tokens=T, seconds_before=old, seconds=now, attention_gflops=gflops,
-                                    of_matmul=gflops / matmul))
-        print(f"{v:10} {old:9.2f} {now:8.2f} {old / now:7.1f}x {gflops:8.0f} {gflops / matmul:10.2f}", flush=True)
+        results["long"].append(dict(variant=v, tokens=T, seconds_before=before[v], seconds=now, vs_nope=vs_nope,
+                                    attention_gflops=gflops, of_matmul=gflops / matmul))
+        print(f"{v:10} {before[v]:9.2f} {now:8.2f} {before[v] / now:7.1f}x {vs_nope:7.2f}x {gflops:8.0f} "
+              f"{gflops / matmul:10.2f}", flush=True)
 
 
 def main(argv=None):
@@ -197,7 +206,7 @@ def main(argv=None):
     p.add_argument("--lengths", type=comma_ints("[1, inf)"), default=[128, 384, 1024],
                    help="train: comma list of sequence lengths (default 128,384,1024)")
     p.add_argument("--steps", type=flag_type(int, "[1, inf)"), default=10,
-                   help="train: timed rounds, one step of every model each (default 10)")
+                   help="train and long: timed rounds, one step (one prompt) of every model each (default 10)")
     p.add_argument("--compile", action="store_true",
                    help="train: torch.compile every model, the nanoGPT-shaped one too (nanoGPT's default; needs a C++ "
                         "compiler, and about 10-20 s per model on 2 cores)")
