@@ -18,9 +18,11 @@ diagonal) and keeps its log-sum-exp; the backward walks query tiles against the 
 P from the log-sum-exp, G, then dq = G k, dk = G^T q, dv = P^T dO (the softmax backward the kernel
 would do) and G summed over the batch and along its diagonals with one strided view. Nothing
 T x T per batch row is kept, and nothing is scattered.
-Two details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
-column of ones in k and v), so that each matmul yields L - lse and dO . v - D directly; and P is
-exp2 of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88.
+Three details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
+column of ones in k and v), so that each matmul yields L - lse and dO . v - D directly; P is exp2
+of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88; and a tile of more
+than CACHED entries runs over slices of the batch, so that its elementwise passes stay in the cache.
+An affine prior (a S + f: no kernel takes the product) runs its forward over the same tiles.
 """
 import math
 
