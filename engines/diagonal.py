@@ -96,8 +96,9 @@ def affine_attention(q, k, v, a_grid, bias, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)
         for b in batch_slices(B, H * (i1 - i0) * i1):
-            cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the whole batch without documents
-            x = torch.addcmul(bias2[cb, :, rows, keys], q2[b, :, rows] @ k[b, :, keys].transpose(-1, -2), a_grid[:, rows, keys])
+            cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the batch without documents
+            s = q2[b, :, rows] @ k[b, :, keys].transpose(-1, -2)
+            x = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys])
             top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
             p = x.sub_(top).exp2_()
             total = p.sum(-1, keepdim=True)
