@@ -92,13 +92,14 @@ def affine_attention(q, k, v, a_grid, bias, tile):
     q2, k, v = q.to(dtype) * (LOG2E / math.sqrt(D)), k.to(dtype), v.to(dtype)
     a_grid, bias2 = a_grid.to(dtype), bias.to(dtype) * LOG2E
     out, lse = torch.empty_like(q2), q2.new_empty(B, H, T)
+    tiles = TileBuffers(q2, 1, H * tile * T, B)
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)
         for b in batch_slices(B, H * (i1 - i0) * i1):
             cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the batch without documents
-            s = q2[b, :, rows] @ k[b, :, keys].transpose(-1, -2)
-            x = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys])
+            s = torch.matmul(q2[b, :, rows], k[b, :, keys].transpose(-1, -2), out=tiles.get(0, (b.stop - b.start, H, i1 - i0, i1)))
+            x = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys], out=s)
             top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
             p = x.sub_(top).exp2_()
             total = p.sum(-1, keepdim=True)
@@ -125,8 +126,8 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
     else:  # a S: S alone, in base 2
         q2_scaled, a_grid = q * (LOG2E * scale), a_grid.to(dtype)
     bias2 = bias.to(dtype) * LOG2E
-    q_scaled, k_scaled = q * scale, k * scale  # dS/dq = k / sqrt(d), dS/dk = q / sqrt(d)
     one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
+    tiles = TileBuffers(q, 3 if a_grid is None else 4, H * tile * T, B)  # P, G, a scratch (and S)
     c_dtype, c = (None, None) if c is None else (c.dtype, c.to(dtype))
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     grad_f, grad_a = (torch.zeros(H, T, dtype=dtype, device=q.device) if w else None for w in wanted[:2])
@@ -136,32 +137,56 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
         rows, keys = slice(i0, i1), slice(0, i1)  # a query tile sees keys 0 .. i1 - 1
         summed_f = summed_a = 0  # the tile's c G and G S summed over the batch, (H, R, K)
         for b in batch_slices(B, H * (i1 - i0) * i1):
-            cb = slice(None) if one_c else b
+            cb, shape = slice(None) if one_c else b, (b.stop - b.start, H, i1 - i0, i1)
+            p, g, scratch = tiles.get(0, shape), tiles.get(1, shape), tiles.get(2, shape)
             if a_grid is None:
-                p = (q_ext[b, :, rows] @ k_ext[b, :, keys].transpose(-1, -2)).add_(bias2[cb, :, rows, keys]).exp2_()
+                torch.matmul(q_ext[b, :, rows], k_ext[b, :, keys].transpose(-1, -2), out=p).add_(bias2[cb, :, rows, keys]).exp2_()
             else:  # L = a S + bias: S itself is kept for a's gradient
-                s = q2_scaled[b, :, rows] @ k[b, :, keys].transpose(-1, -2)
-                p = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys]).sub_(lse2[b, :, rows]).exp2_()
-            g = (d_ext[b, :, rows] @ v_ext[b, :, keys].transpose(-1, -2)).mul_(p)  # G of the tile, (b, H, R, K)
+                s = torch.matmul(q2_scaled[b, :, rows], k[b, :, keys].transpose(-1, -2), out=tiles.get(3, shape))
+                torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys], out=p).sub_(lse2[b, :, rows]).exp2_()
+            torch.matmul(d_ext[b, :, rows], v_ext[b, :, keys].transpose(-1, -2), out=g).mul_(p)  # G of the tile, (b, H, R, K)
             # dLoss/dS = G a (in place when nothing else needs G)
-            g_s = g if a_grid is None else g * a_grid[:, rows, keys] if any(wanted) else g.mul_(a_grid[:, rows, keys])
+            g_s = g if a_grid is None else torch.mul(g, a_grid[:, rows, keys], out=scratch) if any(wanted) else g.mul_(a_grid[:, rows, keys])
             dv[b, :, keys] += p.transpose(-1, -2) @ d_out[b, :, rows]
-            dq[b, :, rows] = g_s @ k_scaled[b, :, keys]
-            dk[b, :, keys] += g_s.transpose(-1, -2) @ q_scaled[b, :, rows]
+            dq[b, :, rows] = g_s @ k[b, :, keys]
+            dk[b, :, keys] += g_s.transpose(-1, -2) @ q[b, :, rows]
             if grad_c is not None:
-                grad_c[b, :, rows] = (g * f_grid[:, rows, keys].to(dtype)).sum(-1)
+                grad_c[b, :, rows] = torch.mul(g, f_grid[:, rows, keys].to(dtype), out=scratch).sum(-1)
             if grad_f is not None:  # without documents c_i is the same in every batch row
                 summed_f = summed_f + (g.sum(0) if c is None else g.sum(0) * c[0, :, rows, None] if one_c else
                                        torch.einsum("bhrk,bhr->hrk", g, c[b, :, rows]))
             if grad_a is not None:  # dLoss/da_ij = G_ij (c q_i).k_j / sqrt(d), S here in base 2
-                summed_a = summed_a + (g * s).sum(0) / LOG2E
+                summed_a = summed_a + s.mul_(g).sum(0) / LOG2E
         if grad_f is not None:
             grad_f[:, :i1] += diagonal_sums(summed_f, i0)
         if grad_a is not None:
             grad_a[:, :i1] += diagonal_sums(summed_a, i0)
+    dq, dk = dq.mul_(scale), dk.mul_(scale)  # dS/dq = k / sqrt(d), dS/dk = q / sqrt(d)
     return (dq.to(out.dtype), dk.to(out.dtype), dv.to(out.dtype),
             *(None if x is None else x.to(f_grid.dtype) for x in (grad_f, grad_a)),
             None if grad_c is None else grad_c.to(c_dtype))
+
+
+class TileBuffers:
+    """`n` flat buffers, each as large as the largest tile of a call, that every tile of every call
+    reuses, viewed as its (b, H, R, K) shape: a tile's P, G, ... are written into the same memory call
+    after call, not into fresh pages (on a CPU the first touch of newly allocated memory costs more
+    than a pass over it; docs/performance.md)."""
+
+    kept = {}  # (device, dtype): the flat buffer, grown to the largest call so far
+
+    def __init__(self, like, n, per_row, B):
+        entries = n * min(B * per_row, max(CACHED, per_row))  # the largest batch slice's tile
+        if torch.compiler.is_compiling():  # Inductor plans the memory itself
+            kept = like.new_empty(entries)
+        else:
+            kept = TileBuffers.kept.get((like.device, like.dtype))
+            if kept is None or kept.numel() < entries:
+                kept = TileBuffers.kept[(like.device, like.dtype)] = like.new_empty(entries)
+        self.buffers = kept[:entries].view(n, -1)
+
+    def get(self, i, shape):
+        return self.buffers[i, :math.prod(shape)].view(shape)
 
 
 def batch_slices(B, per_row):
