@@ -18,10 +18,11 @@ diagonal) and keeps its log-sum-exp; the backward walks query tiles against the 
 P from the log-sum-exp, G, then dq = G k, dk = G^T q, dv = P^T dO (the softmax backward the kernel
 would do) and G summed over the batch and along its diagonals with one strided view. Nothing
 T x T per batch row is kept, and nothing is scattered.
-Three details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
+Four details make the tiles fast: lse_i and D_i ride in one more column of q and dO (against a
 column of ones in k and v), so that each matmul yields L - lse and dO . v - D directly; P is exp2
-of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88; and a tile of more
-than CACHED entries runs over slices of the batch, so that its elementwise passes stay in the cache.
+of base-2 logits, since the CPU's exp leaves its vector path on inputs below -88; a tile of more
+than CACHED entries runs over slices of the batch, so that its elementwise passes stay in the cache;
+and the tiles and the extended q, k, v, dO are written into buffers kept from call to call.
 An affine prior (a S + f: no kernel takes the product) runs its forward over the same tiles.
 """
 import math
@@ -49,12 +50,13 @@ def diagonal_attention(q, k, v, f, a, ssmax, doc, tile=TILE):
     f_grid = distance_grid(f.detach(), 0.0)[None]  # (1, H, T, T): f of every (query, key) pair, shared by the batch
     a_grid = None if a is None else distance_grid(a.detach(), 0.0)
     c = None if ssmax is None else ssmax.detach()[:1 if doc is None else B, :, :, None]
+    base = 1.0 if a is None else LOG2E  # the bias c f: for the fused kernel in base e, for an affine prior's tiles in base 2
     if doc is None:  # causal: -inf above the diagonal
         causal = distance_grid(f.new_zeros(H, T), float("-inf"))[None]
-        bias = causal.add_(f_grid) if c is None else torch.addcmul(causal, f_grid, c)
+        bias = causal.add_(f_grid, alpha=base) if c is None else torch.addcmul(causal, f_grid, c, value=base)
     else:
         b, h, qi, ki = index_grids(B, H, (0, T), (0, T), q.device, doc)
-        bias = torch.where(allowed(b, qi, ki, 0, doc), f_grid if c is None else c * f_grid, float("-inf"))
+        bias = torch.where(allowed(b, qi, ki, 0, doc), (f_grid if c is None else c * f_grid) * base, float("-inf"))
     if ssmax is not None:  # c (a S + f) = a (c q).k / sqrt(d) + f c: c folded into q, its S part through here
         q = q * ssmax[..., None].to(q.dtype)
     if a is None and not f.requires_grad and (ssmax is None or not ssmax.requires_grad):
@@ -85,21 +87,20 @@ class PriorAttention(torch.autograd.Function):
 
 @torch.no_grad()
 def affine_attention(q, k, v, a_grid, bias, tile):
-    """(output, log-sum-exp) of attention with logits a S + bias, a (H, T, T), one softmax per query
-    tile over every key it sees (no kernel takes a S), in base 2 for exp2."""
+    """(output, log-sum-exp) of attention with logits a S + bias, a (H, T, T), bias in base 2, one
+    softmax per query tile over every key it sees (no kernel takes a S), in base 2 for exp2."""
     B, H, T, D = q.shape
     dtype = torch.promote_types(q.dtype, torch.float32)
     q2, k, v = q.to(dtype) * (LOG2E / math.sqrt(D)), k.to(dtype), v.to(dtype)
-    a_grid, bias2 = a_grid.to(dtype), bias.to(dtype) * LOG2E
+    a_grid, bias = a_grid.to(dtype), bias.to(dtype)
     out, lse = torch.empty_like(q2), q2.new_empty(B, H, T)
-    tiles = TileBuffers(q2, 1, H * tile * T, B)
     for i0 in range(0, T, tile):
         i1 = min(i0 + tile, T)
         rows, keys = slice(i0, i1), slice(0, i1)
         for b in batch_slices(B, H * (i1 - i0) * i1):
             cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the batch without documents
-            s = torch.matmul(q2[b, :, rows], k[b, :, keys].transpose(-1, -2), out=tiles.get(0, (b.stop - b.start, H, i1 - i0, i1)))
-            x = torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys], out=s)
+            s = torch.matmul(q2[b, :, rows], k[b, :, keys].transpose(-1, -2), out=kept("S", (b.stop - b.start, H, i1 - i0, i1), q2))
+            x = torch.addcmul(bias[cb, :, rows, keys], s, a_grid[:, rows, keys], out=s)
             top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
             p = x.sub_(top).exp2_()
             total = p.sum(-1, keepdim=True)
@@ -112,22 +113,23 @@ def affine_attention(q, k, v, a_grid, bias, tile):
 def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted, tile):
     """(dq, dk, dv, then dLoss/df (H, T), dLoss/da (H, T) and dLoss/dc's bias part (B, H, T), each None
     unless `wanted`), over query tiles of `tile` rows: q is c q (SSMax folded in), bias c f (-inf where
-    masked), f_grid and a_grid f and a (H, T, T) (a_grid None: a = 1)."""
+    masked; in base 2 for an affine prior), f_grid and a_grid f and a (H, T, T) (a_grid None: a = 1)."""
     B, H, T, D = q.shape
     dtype, scale = torch.promote_types(q.dtype, torch.float32), 1 / math.sqrt(D)
     q, k, v, d_out = q.to(dtype), k.to(dtype), v.to(dtype), d_out.to(dtype)
-    ones = q.new_ones(B, H, T, 1)
-    d_row = (d_out * out.to(dtype)).sum(-1, keepdim=True)  # D_i
+    ones, extended = q.new_ones(B, H, T, 1), (B, H, T, D + 1)
+    d_row = torch.mul(d_out, out.to(dtype), out=kept("scratch", q.shape, q)).sum(-1, keepdim=True)  # D_i
     # one more column: (q, -lse) . (k, 1) = S - lse and (dO, -D) . (v, 1) = dO . v - D, in base 2 for exp2
     lse2 = LOG2E * lse.to(dtype)[..., None]
-    v_ext, d_ext = torch.cat([v, ones], dim=-1), torch.cat([d_out, -d_row], dim=-1)
+    v_ext = torch.cat([v, ones], dim=-1, out=kept("v_ext", extended, q))
+    d_ext = torch.cat([d_out, -d_row], dim=-1, out=kept("d_ext", extended, q))
     if a_grid is None:
-        q_ext, k_ext = torch.cat([q * (LOG2E * scale), -lse2], dim=-1), torch.cat([k, ones], dim=-1)
+        q_scaled = torch.mul(q, LOG2E * scale, out=kept("scratch", q.shape, q))
+        q_ext = torch.cat([q_scaled, -lse2], dim=-1, out=kept("q_ext", extended, q))
+        k_ext = torch.cat([k, ones], dim=-1, out=kept("k_ext", extended, q))
     else:  # a S: S alone, in base 2
-        q2_scaled, a_grid = q * (LOG2E * scale), a_grid.to(dtype)
-    bias2 = bias.to(dtype) * LOG2E
-    one_c = bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
-    tiles = TileBuffers(q, 3 if a_grid is None else 4, H * tile * T, B)  # P, G, a scratch (and S)
+        q2_scaled, a_grid = torch.mul(q, LOG2E * scale, out=kept("q_scaled", q.shape, q)), a_grid.to(dtype)
+    bias, one_c = bias.to(dtype), bias.shape[0] == 1  # no documents: one bias, and one row of c, for the whole batch
     c_dtype, c = (None, None) if c is None else (c.dtype, c.to(dtype))
     dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
     grad_f, grad_a = (torch.zeros(H, T, dtype=dtype, device=q.device) if w else None for w in wanted[:2])
@@ -138,12 +140,13 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
         summed_f = summed_a = 0  # the tile's c G and G S summed over the batch, (H, R, K)
         for b in batch_slices(B, H * (i1 - i0) * i1):
             cb, shape = slice(None) if one_c else b, (b.stop - b.start, H, i1 - i0, i1)
-            p, g, scratch = tiles.get(0, shape), tiles.get(1, shape), tiles.get(2, shape)
-            if a_grid is None:
-                torch.matmul(q_ext[b, :, rows], k_ext[b, :, keys].transpose(-1, -2), out=p).add_(bias2[cb, :, rows, keys]).exp2_()
+            p, g, scratch = kept("P", shape, q), kept("G", shape, q), kept("scratch", shape, q)
+            if a_grid is None:  # the bias in base e, for the fused kernel
+                torch.matmul(q_ext[b, :, rows], k_ext[b, :, keys].transpose(-1, -2), out=p).add_(
+                    bias[cb, :, rows, keys], alpha=LOG2E).exp2_()
             else:  # L = a S + bias: S itself is kept for a's gradient
-                s = torch.matmul(q2_scaled[b, :, rows], k[b, :, keys].transpose(-1, -2), out=tiles.get(3, shape))
-                torch.addcmul(bias2[cb, :, rows, keys], s, a_grid[:, rows, keys], out=p).sub_(lse2[b, :, rows]).exp2_()
+                s = torch.matmul(q2_scaled[b, :, rows], k[b, :, keys].transpose(-1, -2), out=kept("S", shape, q))
+                torch.addcmul(bias[cb, :, rows, keys], s, a_grid[:, rows, keys], out=p).sub_(lse2[b, :, rows]).exp2_()
             torch.matmul(d_ext[b, :, rows], v_ext[b, :, keys].transpose(-1, -2), out=g).mul_(p)  # G of the tile, (b, H, R, K)
             # dLoss/dS = G a (in place when nothing else needs G)
             g_s = g if a_grid is None else torch.mul(g, a_grid[:, rows, keys], out=scratch) if any(wanted) else g.mul_(a_grid[:, rows, keys])
@@ -167,26 +170,21 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
             None if grad_c is None else grad_c.to(c_dtype))
 
 
-class TileBuffers:
-    """`n` flat buffers, each as large as the largest tile of a call, that every tile of every call
-    reuses, viewed as its (b, H, R, K) shape: a tile's P, G, ... are written into the same memory call
-    after call, not into fresh pages (on a CPU the first touch of newly allocated memory costs more
-    than a pass over it; docs/performance.md)."""
+KEPT = {}  # (slot, device, dtype): a flat buffer, as large as the slot's largest use so far
 
-    kept = {}  # (device, dtype): the flat buffer, grown to the largest call so far
 
-    def __init__(self, like, n, per_row, B):
-        entries = n * min(B * per_row, max(CACHED, per_row))  # the largest batch slice's tile
-        if torch.compiler.is_compiling():  # Inductor plans the memory itself
-            kept = like.new_empty(entries)
-        else:
-            kept = TileBuffers.kept.get((like.device, like.dtype))
-            if kept is None or kept.numel() < entries:
-                kept = TileBuffers.kept[(like.device, like.dtype)] = like.new_empty(entries)
-        self.buffers = kept[:entries].view(n, -1)
-
-    def get(self, i, shape):
-        return self.buffers[i, :math.prod(shape)].view(shape)
+def kept(slot, shape, like):
+    """An uninitialized tensor of `shape` in memory kept from call to call for `slot`: the tiles' P, G,
+    ... and the backward's extended q, k, v, dO are written into the same memory again and again, not
+    into freshly allocated pages (on a CPU the first touch of a new page costs more than a pass over
+    it; docs/performance.md). Compiled, Inductor plans the memory itself."""
+    n = math.prod(shape)
+    if torch.compiler.is_compiling():
+        return like.new_empty(shape)
+    key = (slot, like.device, like.dtype)
+    if key not in KEPT or KEPT[key].numel() < n:
+        KEPT[key] = like.new_empty(n)
+    return KEPT[key][:n].view(shape)
 
 
 def batch_slices(B, per_row):

@@ -323,6 +323,18 @@ def test_diagonal_route_over_batch_slices(monkeypatch, name, use_doc):
     test_diagonal_route_gives_the_gradients_of_autograd_through_sdpa(name, use_doc, 130, True)
 
 
+@pytest.mark.parametrize("name", ["bam", "scaleinv", "gain"])
+def test_diagonal_route_hands_out_nothing_in_its_kept_memory(name):
+    """The tiles' buffers are kept from call to call (engines/diagonal.py's `kept`): a call's output
+    and gradients stay what they were while later calls, longer and shorter, reuse that memory."""
+    var = make_variant(name)
+    first = diagonal_gradients(var, 130, None, True, True)
+    saved = [x.clone() for x in first]
+    for T in (300, 37):
+        diagonal_gradients(var, T, documents(T, True), True, True)
+    assert all(torch.equal(a, b) for a, b in zip(first, saved))
+
+
 @pytest.mark.parametrize("name", ["bam", "scaleinv"])
 def test_cpu_training_on_sdpa_takes_the_diagonal_route(monkeypatch, name):
     """GPT on a CPU (sdpa, documents; bam with SSMax, scaleinv with p-RoPE) trains through
