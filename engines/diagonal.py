@@ -99,7 +99,8 @@ def affine_attention(q, k, v, a_grid, bias, tile):
         rows, keys = slice(i0, i1), slice(0, i1)
         for b in batch_slices(B, H * (i1 - i0) * i1):
             cb = slice(None) if bias.shape[0] == 1 else b  # the bias's rows: one for the batch without documents
-            s = torch.matmul(q2[b, :, rows], k[b, :, keys].transpose(-1, -2), out=kept("S", (b.stop - b.start, H, i1 - i0, i1), q2))
+            shape = (b.stop - b.start, H, i1 - i0, i1)
+            s = torch.matmul(q2[b, :, rows], k[b, :, keys].transpose(-1, -2), out=kept("S", shape, q2))
             x = torch.addcmul(bias[cb, :, rows, keys], s, a_grid[:, rows, keys], out=s)
             top = x.amax(-1, keepdim=True)  # every query sees its own key: finite
             p = x.sub_(top).exp2_()
@@ -149,7 +150,8 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
                 torch.addcmul(bias[cb, :, rows, keys], s, a_grid[:, rows, keys], out=p).sub_(lse2[b, :, rows]).exp2_()
             torch.matmul(d_ext[b, :, rows], v_ext[b, :, keys].transpose(-1, -2), out=g).mul_(p)  # G of the tile, (b, H, R, K)
             # dLoss/dS = G a (in place when nothing else needs G)
-            g_s = g if a_grid is None else torch.mul(g, a_grid[:, rows, keys], out=scratch) if any(wanted) else g.mul_(a_grid[:, rows, keys])
+            g_s = (g if a_grid is None else torch.mul(g, a_grid[:, rows, keys], out=scratch) if any(wanted) else
+                   g.mul_(a_grid[:, rows, keys]))
             dv[b, :, keys] += p.transpose(-1, -2) @ d_out[b, :, rows]
             dq[b, :, rows] = g_s @ k[b, :, keys]
             dk[b, :, keys] += g_s.transpose(-1, -2) @ q[b, :, rows]
