@@ -149,7 +149,7 @@ def attention_backward(d_out, q, k, v, out, lse, bias, f_grid, a_grid, c, wanted
                 s = torch.matmul(q2_scaled[b, :, rows], k[b, :, keys].transpose(-1, -2), out=kept("S", shape, q))
                 torch.addcmul(bias[cb, :, rows, keys], s, a_grid[:, rows, keys], out=p).sub_(lse2[b, :, rows]).exp2_()
             torch.matmul(d_ext[b, :, rows], v_ext[b, :, keys].transpose(-1, -2), out=g).mul_(p)  # G of the tile, (b, H, R, K)
-            # dLoss/dS = G a (in place when nothing else needs G)
+            # dLoss/dS = G a (in place when nothing else needs G; in scratch until dq and dk are taken, then G f goes there)
             g_s = (g if a_grid is None else torch.mul(g, a_grid[:, rows, keys], out=scratch) if any(wanted) else
                    g.mul_(a_grid[:, rows, keys]))
             dv[b, :, keys] += p.transpose(-1, -2) @ d_out[b, :, rows]
